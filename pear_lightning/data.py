@@ -1,0 +1,263 @@
+"""PearDataModule: examples from any ``datasets`` source, tokenised once, with behaviour log-probs joined."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import PearError
+from .render import example_id, tokenize_example
+
+SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SPLITS = ("train", "val", "test", "predict")
+
+
+def load_examples(path: str) -> Dataset:
+    """Load examples from a JSONL / JSON / Parquet file, a saved dataset folder, a folder of data files,
+    or (when online) a hub dataset name.
+
+    Raises:
+        PearError: if the path does not exist or cannot be read as a dataset.
+    """
+    local = Path(path)
+    if local.is_dir():
+        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+            dataset = load_from_disk(str(local))
+            return dataset["train"] if hasattr(dataset, "keys") else dataset
+        return load_dataset(str(local), split="train")
+    if local.is_file():
+        builder = SUFFIX_BUILDERS.get(local.suffix)
+        if builder is None:
+            raise PearError(f"{path}: unsupported file type {local.suffix!r}; use .jsonl, .json or .parquet")
+        return load_dataset(builder, data_files=str(local), split="train")
+    if local.suffix in SUFFIX_BUILDERS or path.startswith((".", "/", "~")) or os.sep + os.sep in path:
+        raise PearError(f"{path}: file not found")
+    try:
+        return load_dataset(path, split="train")
+    except Exception as err:  # the hub's errors vary by version; the path is the useful part
+        raise PearError(f"{path}: no such file or folder, and not loadable as a hub dataset ({err})") from err
+
+
+class PearDataModule(L.LightningDataModule):
+    """Token batches of SFT examples, with the behaviour policy's log-probs when the data carries them.
+
+    Examples have ``messages`` (chat; loss on assistant turns) or ``prompt`` + ``completion``, an
+    optional ``id`` (else a content hash), and optionally the behaviour log-probs of their response
+    tokens: a list column of ``token_ids`` (what the trainer trains on, as the trainer tokenises it)
+    and one of per-token ``logprobs``. Those ids must equal the trainer's response tokens exactly.
+
+    Args:
+        train_path: training examples: a .jsonl/.json/.parquet file, a saved dataset folder, or a hub name.
+        val_path: validation examples, same forms.
+        test_path: test examples, same forms.
+        predict_path: examples to score with ``predict``, same forms.
+        tokenizer_name_or_path: the tokenizer (the CLI sets it to the model's).
+        batch_size: examples per micro-batch.
+        max_length: tokens kept per example; longer ones are cut at the end and counted.
+        num_workers: DataLoader worker processes.
+        token_ids_column: column with each example's response token ids, checked against the trainer's.
+        logprobs_column: column with the behaviour policy's log-prob of each of those tokens.
+        trust_remote_code: allow the tokenizer to run code from its folder or the hub.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        tokenizer_name_or_path: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        num_workers: int = 0,
+        token_ids_column: str = "token_ids",
+        logprobs_column: str = "logprobs",
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or max_length < 2:
+            raise PearError(f"data: batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}")
+        self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.token_ids_column = token_ids_column
+        self.logprobs_column = logprobs_column
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """Load the tokenizer once; it needs a pad token (else its EOS is used for padding)."""
+        if self.tokenizer is None:
+            if self.tokenizer_name_or_path is None:
+                raise PearError("data.tokenizer_name_or_path is not set (the CLI sets it to model.model_name_or_path)")
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
+            if not tokenizer.is_fast:
+                raise PearError(f"{self.tokenizer_name_or_path}: a fast (Rust) tokenizer is needed for offsets")
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self.tokenizer = tokenizer
+        return self.tokenizer
+
+    def prepare_data(self) -> None:
+        """Tokenise every configured split once on rank 0, so other ranks read the ``datasets`` cache."""
+        for split in SPLITS:
+            if self.paths[split]:
+                self.tokenized(split)
+
+    def setup(self, stage: str) -> None:
+        """Load the tokenised splits the stage needs."""
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
+        for split in needed:
+            if self.paths[split] and split not in self.datasets:
+                self.datasets[split] = self.tokenized(split)
+        if stage == "fit" and not self.paths["train"]:
+            raise PearError("data.train_path is required for fit")
+
+    def tokenized(self, split: str) -> Dataset:
+        """Load ``split``'s examples, tokenise them (cached by ``datasets``), and drop and count those
+        with no response token left after truncation.
+
+        Raises:
+            PearError: on a malformed row, a behaviour log-prob column that does not line up with the
+                trainer's tokens, or a split with no trainable example.
+        """
+        path = self.paths[split]
+        tokenizer = self.load_tokenizer()
+        raw = load_examples(path)
+        has_logprobs = self.logprobs_column in raw.column_names
+        if has_logprobs and self.token_ids_column not in raw.column_names:
+            raise PearError(
+                f"{path}: has `{self.logprobs_column}` but no `{self.token_ids_column}`; the behaviour log-probs "
+                "must come with the token ids they score, so that they can be checked against the trainer's"
+            )
+        consumed = {"messages", "prompt", "completion", "id", self.token_ids_column, self.logprobs_column}
+        max_length, token_ids_column, logprobs_column = self.max_length, self.token_ids_column, self.logprobs_column
+
+        def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
+            ex_id = example_id(example)
+            out = tokenize_example(example, tokenizer, max_length, f"{path} row {index + 1} (id {ex_id})")
+            out["id"] = ex_id
+            if has_logprobs:
+                out["behavior_logprobs"], out["logprobs_problem"] = _align_logprobs(
+                    out, example[token_ids_column], example[logprobs_column]
+                )
+            return out
+
+        data = raw.map(
+            tokenize,
+            with_indices=True,
+            remove_columns=[c for c in raw.column_names if c in consumed],
+            desc=f"Tokenising {split}",
+        )
+        if has_logprobs:
+            _raise_on_misaligned(data, path, token_ids_column)
+            data = data.remove_columns("logprobs_problem")
+        num_tokens = [sum(m) for m in data["loss_mask"]]
+        empty = sum(n == 0 for n in num_tokens)
+        truncated = sum(data["truncated"])
+        if empty == len(data):
+            raise PearError(
+                f"{path}: none of its {len(data)} examples has a response token within max_length={max_length}; "
+                "raise data.max_length or shorten the prompts"
+            )
+        if truncated or empty:
+            rank_zero_info(
+                f"{split} ({path}): {truncated} of {len(data)} examples truncated to max_length={max_length}; "
+                f"{empty} skipped because no response token was left"
+            )
+            data = data.filter(lambda mask: any(mask), input_columns="loss_mask")
+        return data
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad a list of tokenised examples to the longest one (right padding)."""
+        width = max(len(r["input_ids"]) for r in rows)
+        pad_id = self.load_tokenizer().pad_token_id
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            attention_mask[i, :n] = True
+            loss_mask[i, :n] = torch.tensor(row["loss_mask"])
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+            "ids": [r["id"] for r in rows],
+            "num_tokens": int(attention_mask.sum()),
+        }
+        if "behavior_logprobs" in rows[0]:
+            behavior = torch.zeros((len(rows), width), dtype=torch.float32)
+            behavior[loss_mask] = torch.tensor([lp for r in rows for lp in r["behavior_logprobs"]], dtype=torch.float32)
+            batch["behavior_logp"] = behavior
+        return batch
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise PearError(f"data.{split}_path is not set")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in file order."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in file order."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches to score, in file order."""
+        return self._loader("predict", shuffle=False)
+
+
+def _align_logprobs(tokens: dict[str, Any], token_ids: list[int] | None, logprobs: list[float] | None):
+    """Return the behaviour log-probs of the trainer's response tokens and, if they do not line up, why."""
+    response = [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m]
+    if token_ids is None or logprobs is None:
+        return [], "no token_ids/logprobs"
+    if len(token_ids) != len(logprobs):
+        return [], f"{len(token_ids)} token ids but {len(logprobs)} log-probs"
+    # A truncated example trains on a prefix of its response, whose log-probs do not depend on the rest.
+    expected = len(response) if tokens["truncated"] else len(token_ids)
+    if token_ids[: len(response)] != response or len(response) != expected:
+        first = next((i for i, (a, b) in enumerate(zip(token_ids, response)) if a != b), min(len(token_ids), len(response)))
+        return [], f"token ids differ from the trainer's at response token {first} ({len(token_ids)} given, {len(response)} trained)"
+    kept = logprobs[: len(response)]
+    if not all(math.isfinite(lp) for lp in kept):
+        return [], "a log-prob is NaN or infinite"
+    return kept, None
+
+
+def _raise_on_misaligned(data: Dataset, path: str, token_ids_column: str) -> None:
+    """Stop before training if any example's behaviour log-probs do not line up with its tokens."""
+    problems = [(i, p) for i, p in zip(data["id"], data["logprobs_problem"]) if p is not None]
+    if problems:
+        shown = "; ".join(f"id {i}: {p}" for i, p in problems[:3])
+        raise PearError(
+            f"{path}: {len(problems)} of {len(data)} examples have behaviour log-probs that do not line up with "
+            f"the trainer's response tokens (first: {shown}). The `{token_ids_column}` must be the response tokens "
+            "as this tokenizer and chat template produce them; re-score the data with the behaviour model"
+        )

@@ -1,0 +1,126 @@
+"""PearModule: a Hugging Face causal LM fine-tuned with a pluggable weighting strategy."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import instantiate_class
+from torchmetrics.aggregation import MeanMetric
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
+
+from .errors import PearError
+from .logprobs import target_logprobs
+
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
+
+
+class PearModule(L.LightningModule):
+    """Supervised fine-tuning of a causal LM whose per-token loss comes from a weighting strategy.
+
+    The module computes fp32 log-probs of the response tokens, hands them to ``weighting`` as a
+    ``TokenBatch``, and reduces the strategy's per-token losses to their mean over the batch's loss
+    tokens. Validation and test report the unweighted token-mean negative log-likelihood, so runs
+    with different weightings stay comparable.
+
+    Args:
+        model_name_or_path: a Hugging Face hub name or a local folder holding a causal LM.
+        weighting: the weighting strategy, by class name (``UniformSFT``) or with arguments.
+        trust_remote_code: allow the model folder or hub repository to run its own code.
+        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
+            parameters are optimised.
+        lr_scheduler: set by the CLI's ``lr_scheduler:`` key; default none (constant learning rate).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        weighting: WeightingStrategy = lazy_instance(UniformSFT),
+        trust_remote_code: bool = False,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["weighting"])
+        self.weighting = weighting
+        self.model: PreTrainedModel | None = None
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+        self._last_step: tuple[float, int] | None = None
+
+    def configure_model(self) -> None:
+        """Load the pretrained model (once) in fp32 and in train mode; Lightning applies the precision."""
+        if self.model is not None:
+            return
+        path = self.hparams.model_name_or_path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise PearError(f"model.model_name_or_path={path!r}: cannot load a causal LM: {err}") from err
+        # from_pretrained returns eval mode and Lightning does not switch submodules back: dropout would stay off.
+        self.model = model.train()
+
+    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
+        """Score a collated batch: fp32 log-probs of its tokens under the current model."""
+        logp = target_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Weighted loss of one micro-batch: the strategy's token losses over the number of loss tokens."""
+        if self.weighting.requires_behavior_logp and batch.get("behavior_logp") is None:
+            raise PearError(
+                f"weighting {type(self.weighting).__name__} needs the behaviour policy's log-probs and the "
+                "training data has none: add `token_ids` and `logprobs` columns to the data (see the README)"
+            )
+        tokens = self.token_batch(batch)
+        loss = self.weighting.token_losses(tokens).sum() / tokens.mask.sum().clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        self._log_throughput(batch["num_tokens"])
+        return loss
+
+    def _log_throughput(self, num_tokens: int) -> None:
+        """Log tokens/s of the previous step (forward, backward, optimizer and data loading)."""
+        now = time.perf_counter()
+        if self._last_step is not None:
+            started, tokens = self._last_step
+            self.log("train/tokens_per_sec", tokens / (now - started))
+        self._last_step = (now, num_tokens)
+
+    def _nll(self, batch: dict[str, Any], metric: MeanMetric) -> None:
+        tokens = self.token_batch(batch)
+        num_tokens = tokens.mask.sum()
+        metric.update(-(tokens.logp * tokens.mask).sum() / num_tokens.clamp(min=1), weight=num_tokens)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the token-mean negative log-likelihood of the validation responses."""
+        self._nll(batch, self.val_nll)
+        self.log("val/loss", self.val_nll, prog_bar=True, batch_size=len(batch["ids"]))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the token-mean negative log-likelihood of the test responses."""
+        self._nll(batch, self.test_nll)
+        self.log("test/loss", self.test_nll, batch_size=len(batch["ids"]))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Score each example's response tokens: ``id``, ``token_ids`` and fp32 ``logprobs``."""
+        tokens = self.token_batch(batch)
+        return [
+            {"id": ex_id, "token_ids": ids[mask].tolist(), "logprobs": logp[mask].tolist()}
+            for ex_id, ids, mask, logp in zip(batch["ids"], batch["input_ids"], tokens.mask, tokens.logp.float())
+        ]
+
+    def configure_optimizers(self) -> Any:
+        """Build the configured optimizer over the trainable parameters, and its scheduler if any."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate_class(params, self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        if not self.hparams.lr_scheduler:
+            return optimizer
+        scheduler = instantiate_class(optimizer, self.hparams.lr_scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
