@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
@@ -16,6 +18,27 @@ from .module import PearModule
 from .plugins import load_strategies
 
 DEBUG_ENV = "PEAR_DEBUG"
+DESCRIPTION = "Supervised fine-tuning with per-token weighting strategies (PEAR, arXiv 2602.01058)."
+
+
+class PearArgumentParser(LightningArgumentParser):
+    """Reports a bad command line or config as one ``error:`` line, naming the known strategies when
+    the weighting is the problem (a traceback with PEAR_DEBUG=1)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print one clear error and exit with status 2."""
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV) == "1":
+            super().error(message, ex)
+        if 'Parser key "model.weighting"' in message:
+            detail = message.strip().splitlines()[-1].strip(" -")
+            known = ", ".join(sorted(load_strategies()))
+            message = (
+                f"model.weighting: not a known weighting strategy ({detail}). Installed strategies: {known}; "
+                "give one of their names or a full class path "
+                "(python -m pear_lightning fit --model.weighting.help NAME)"
+            )
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
 
 
 class PearCLI(LightningCLI):
@@ -37,10 +60,19 @@ def _as_dict(namespace: Namespace | None) -> dict | None:
     return namespace.as_dict() if namespace else None
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning prints advertisements for its cloud products on every run; they are not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1)."""
-    # Lightning 2.6 calls jsonargparse APIs that newer jsonargparse deprecates; the warning is not the user's.
+    # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     try:
         load_strategies()
         PearCLI(
@@ -48,7 +80,8 @@ def main(args: list[str] | None = None) -> None:
             PearDataModule,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "python -m pear_lightning"},
+            parser_class=PearArgumentParser,
+            parser_kwargs={"prog": "python -m pear_lightning", "description": DESCRIPTION},
             args=args,
         )
     except PearError as err:

@@ -102,7 +102,9 @@ class PearDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             if self.tokenizer_name_or_path is None:
                 raise PearError("data.tokenizer_name_or_path is not set (the CLI sets it to model.model_name_or_path)")
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code
+            )
             if not tokenizer.is_fast:
                 raise PearError(f"{self.tokenizer_name_or_path}: a fast (Rust) tokenizer is needed for offsets")
             if tokenizer.pad_token_id is None:
@@ -237,14 +239,17 @@ def _align_logprobs(tokens: dict[str, Any], token_ids: list[int] | None, logprob
     """Return the behaviour log-probs of the trainer's response tokens and, if they do not line up, why."""
     response = [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m]
     if token_ids is None or logprobs is None:
-        return [], "no token_ids/logprobs"
+        return [], "its token ids or log-probs are missing"
     if len(token_ids) != len(logprobs):
         return [], f"{len(token_ids)} token ids but {len(logprobs)} log-probs"
     # A truncated example trains on a prefix of its response, whose log-probs do not depend on the rest.
     expected = len(response) if tokens["truncated"] else len(token_ids)
     if token_ids[: len(response)] != response or len(response) != expected:
-        first = next((i for i, (a, b) in enumerate(zip(token_ids, response)) if a != b), min(len(token_ids), len(response)))
-        return [], f"token ids differ from the trainer's at response token {first} ({len(token_ids)} given, {len(response)} trained)"
+        first = next(
+            (i for i, (a, b) in enumerate(zip(token_ids, response)) if a != b), min(len(token_ids), len(response))
+        )
+        counts = f"{len(token_ids)} given, {len(response)} trained"
+        return [], f"token ids differ from the trainer's at response token {first} ({counts})"
     kept = logprobs[: len(response)]
     if not all(math.isfinite(lp) for lp in kept):
         return [], "a log-prob is NaN or infinite"

@@ -17,6 +17,7 @@ from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 from .errors import PearError
 from .logprobs import target_logprobs
 
+DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
 
 
@@ -40,7 +41,7 @@ class PearModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
-        weighting: WeightingStrategy = lazy_instance(UniformSFT),
+        weighting: WeightingStrategy = DEFAULT_WEIGHTING,
         trust_remote_code: bool = False,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -72,6 +73,11 @@ class PearModule(L.LightningModule):
         logp = target_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
 
+    def weighted_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The strategy's token losses summed over the batch, over its number of loss tokens."""
+        tokens = self.token_batch(batch)
+        return self.weighting.token_losses(tokens).sum() / tokens.mask.sum().clamp(min=1)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Weighted loss of one micro-batch: the strategy's token losses over the number of loss tokens."""
         if self.weighting.requires_behavior_logp and batch.get("behavior_logp") is None:
@@ -79,8 +85,7 @@ class PearModule(L.LightningModule):
                 f"weighting {type(self.weighting).__name__} needs the behaviour policy's log-probs and the "
                 "training data has none: add `token_ids` and `logprobs` columns to the data (see the README)"
             )
-        tokens = self.token_batch(batch)
-        loss = self.weighting.token_losses(tokens).sum() / tokens.mask.sum().clamp(min=1)
+        loss = self.weighted_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         self._log_throughput(batch["num_tokens"])
         return loss

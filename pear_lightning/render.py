@@ -46,9 +46,7 @@ def to_messages(example: dict[str, Any], where: str) -> list[dict[str, str]] | N
     if isinstance(example.get("prompt"), str) and isinstance(example.get("completion"), str):
         return None
     present = sorted(k for k, v in example.items() if v is not None)
-    raise PearError(
-        f"{where}: needs `messages` (chat) or `prompt` + `completion` (strings); found fields {present}"
-    )
+    raise PearError(f"{where}: needs `messages` (chat) or `prompt` + `completion` (strings); found fields {present}")
 
 
 def _assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str):
@@ -87,7 +85,10 @@ def tokenize_example(
     """
     messages = to_messages(example, where)
     if messages is None and tokenizer.chat_template is not None:
-        messages = [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
+        messages = [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]},
+        ]
     if messages is not None:
         if tokenizer.chat_template is None:
             raise PearError(

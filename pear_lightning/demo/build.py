@@ -97,10 +97,16 @@ def train_behavior(model, tokenizer, rng: random.Random, steps: int, batch_size:
         rows = []
         for _ in range(batch_size):
             problem = sample_problem(rng)
-            rows.append(tokenize_example({"messages": chat(problem, reference_solution(problem, rng))}, tokenizer, 256, "solver"))
+            rows.append(
+                tokenize_example(
+                    {"messages": chat(problem, reference_solution(problem, rng))}, tokenizer, 256, "solver"
+                )
+            )
         input_ids = pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
         labels = pad([[t if m else -100 for t, m in zip(r["input_ids"], r["loss_mask"])] for r in rows], -100)
-        loss = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id), labels=labels).loss
+        loss = model(
+            input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id), labels=labels
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -131,13 +137,22 @@ def sample_split(model, tokenizer, problems: list[Problem], prefix: str, seed: i
         out = model.generate(
             input_ids=input_ids,
             attention_mask=input_ids != tokenizer.pad_token_id,
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=64,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         for i, problem in enumerate(batch):
             sampled = [t for t in out[i, input_ids.shape[1] :].tolist() if t != tokenizer.pad_token_id]
             text = tokenizer.decode(sampled, skip_special_tokens=True)
-            example = {"id": f"{prefix}-{start + i:05d}", "messages": chat(problem, text), "answer": str(problem.answer)}
+            example = {
+                "id": f"{prefix}-{start + i:05d}",
+                "messages": chat(problem, text),
+                "answer": str(problem.answer),
+            }
             tokens = tokenize_example(example, tokenizer, 256, example["id"])
             response = [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m]
             # Keep only samples that are correct, finished, and that the trainer re-tokenises to the sampled ids.

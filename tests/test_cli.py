@@ -1,0 +1,169 @@
+"""The command line end to end: configs round-trip, runs leave their config beside their logs, errors are one line."""
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import DEMO, REPO, write_jsonl
+
+from pear_lightning import PearModule
+from pear_lightning.cli import main
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch, tiny_model_dir):
+    """Run from the repository root, with small demo data and logs in a temporary folder."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])  # pytest's own arguments are not the CLI's
+    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:48]
+    write_jsonl(tmp_path / "train.jsonl", rows[:40])
+    write_jsonl(tmp_path / "val.jsonl", rows[40:])
+    return tmp_path
+
+
+def cli_args(run_dir, tiny_model_dir, *extra):
+    return [
+        "--config",
+        "configs/demo.yaml",
+        "--model.model_name_or_path",
+        str(tiny_model_dir),
+        "--data.train_path",
+        str(run_dir / "train.jsonl"),
+        "--data.val_path",
+        str(run_dir / "val.jsonl"),
+        "--data.batch_size",
+        "8",
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir / "runs"),
+        "--trainer.default_root_dir",
+        str(run_dir / "runs"),
+        *extra,
+    ]
+
+
+def run_cli(args, capsys):
+    """Run the CLI in this process; return (exit status, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_print_config_round_trips(run_dir, tiny_model_dir, capsys):
+    args = ["fit", *cli_args(run_dir, tiny_model_dir, "--optimizer.lr", "0.0123"), "--print_config"]
+    code, printed, _ = run_cli(args, capsys)
+    assert code == 0
+    config = yaml.safe_load(printed)
+    assert config["model"]["weighting"]["class_path"] == "pear_lightning.strategies.UniformSFT"
+    assert config["optimizer"]["init_args"]["lr"] == 0.0123
+    assert config["data"]["train_path"] == str(run_dir / "train.jsonl")
+    (run_dir / "printed.yaml").write_text(printed)
+    code, reprinted, _ = run_cli(["fit", "--config", str(run_dir / "printed.yaml"), "--print_config"], capsys)
+    assert code == 0 and reprinted == printed
+
+
+def test_fit_trains_logs_and_saves_its_config_beside_the_logs(run_dir, tiny_model_dir, capsys):
+    args = [
+        "fit",
+        *cli_args(
+            run_dir,
+            tiny_model_dir,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--model.weighting",
+            "UniformSFT",
+        ),
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    log_dir = run_dir / "runs" / "demo" / "version_0"
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["model"]["model_name_or_path"] == str(tiny_model_dir)
+    with open(log_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "train/tokens_per_sec", "val/loss", "val/accuracy"} <= logged
+    steps_with_accuracy = [int(row["step"]) for row in rows if row["val/accuracy"]]
+    assert steps_with_accuracy[0] == 0 and len(steps_with_accuracy) == 3  # before training, and two validations
+    assert (log_dir / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands_run(run_dir, tiny_model_dir, capsys, subcommand):
+    val = str(run_dir / "val.jsonl")
+    extra = {"validate": [], "test": ["--data.test_path", val], "predict": ["--data.predict_path", val]}[subcommand]
+    code, _, err = run_cli([subcommand, *cli_args(run_dir, tiny_model_dir, *extra)], capsys)
+    assert code == 0, err
+
+
+def test_unknown_weighting_is_one_clear_error(run_dir, tiny_model_dir, capsys):
+    code, _, err = run_cli(["fit", *cli_args(run_dir, tiny_model_dir, "--model.weighting", "TokenISS")], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: model.weighting: not a known weighting strategy (Expected a dot import path string: TokenISS). "
+        "Installed strategies: UniformSFT; give one of their names or a full class path "
+        "(python -m pear_lightning fit --model.weighting.help NAME)"
+    ]
+
+
+def test_missing_data_file_is_one_clear_error(run_dir, tiny_model_dir, capsys):
+    code, _, err = run_cli(
+        ["fit", *cli_args(run_dir, tiny_model_dir, "--data.train_path", "nowhere/train.jsonl")], capsys
+    )
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "error: nowhere/train.jsonl: file not found"
+
+
+def test_bad_row_is_one_clear_error_naming_file_and_row(run_dir, tiny_model_dir, capsys):
+    bad = write_jsonl(
+        run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
+    )
+    code, _, err = run_cli(["fit", *cli_args(run_dir, tiny_model_dir, "--data.train_path", str(bad))], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['id', 'text']"
+    )
+    assert not (run_dir / "runs" / "demo" / "version_0" / "checkpoints").exists()
+
+
+def test_unreadable_model_folder_is_one_clear_error(run_dir, tiny_model_dir, capsys, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
+    code, _, err = run_cli(
+        ["fit", *cli_args(run_dir, tiny_model_dir, "--model.model_name_or_path", str(broken))], capsys
+    )
+    assert code == 2
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"error: model.model_name_or_path='{broken}': cannot load a causal LM: ")
+    )
+
+
+def test_only_trainable_parameters_are_optimised(tiny_model_dir):
+    module = PearModule(
+        str(tiny_model_dir),
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+        lr_scheduler={"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"total_iters": 3}},
+    )
+    module.configure_model()
+    module.model.get_input_embeddings().weight.requires_grad_(False)
+    config = module.configure_optimizers()
+    optimizer = config["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.5
+    assert optimised == trainable and len(trainable) == len(list(module.parameters())) - 1
+    assert config["lr_scheduler"]["interval"] == "step"

@@ -1,0 +1,82 @@
+"""UniformSFT is plain causal-LM SFT, and only response tokens carry loss."""
+
+import pytest
+import torch
+from conftest import conversation
+from pear_lightning.strategies import TokenBatch, UniformSFT
+
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.render import tokenize_example
+
+EXAMPLES = [
+    {"messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
+    {"prompt": "Compute 9-8+7-6+5.", "completion": "First, 9-8=1. Then 1+7=8. Next, 8-6=2. 2+5=7. #### 7"},
+    {
+        "messages": conversation("Hi", "#### 0")
+        + [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "ok"}]
+    },
+]
+
+
+def collate(tokenizer, examples, data=None):
+    data = data or PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
+    data.tokenizer = tokenizer
+    rows = []
+    for i, example in enumerate(examples):
+        rows.append({**tokenize_example(example, tokenizer, 256, str(i)), "id": str(i)})
+    return data.collate(rows)
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model_dir):
+    module = PearModule(str(tiny_model_dir))
+    module.configure_model()
+    return module
+
+
+def test_uniform_loss_and_gradients_equal_hugging_face_causal_lm_loss(module, tokenizer):
+    batch = collate(tokenizer, EXAMPLES)
+    assert batch["attention_mask"].sum(1).unique().numel() == 3  # rows of different lengths, so padding exists
+    ours = module.weighted_loss(batch)
+    ours_grads = torch.autograd.grad(ours, list(module.model.parameters()))
+
+    labels = batch["input_ids"].masked_fill(~batch["loss_mask"], -100)
+    reference = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    reference_grads = torch.autograd.grad(reference, list(module.model.parameters()))
+
+    assert abs(ours.item() - reference.item()) < 1e-6
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_does_not_change_an_example_s_token_losses(module, tokenizer):
+    alone = module.token_batch(collate(tokenizer, EXAMPLES[:1]))
+    padded = module.token_batch(collate(tokenizer, EXAMPLES[:2]))  # the second example is longer
+    width = alone.logp.shape[1]
+    assert padded.logp.shape[1] > width and not padded.mask[0, width:].any()
+    torch.testing.assert_close(padded.logp[0, :width], alone.logp[0], rtol=0, atol=1e-5)
+    assert (padded.logp[0, width:] == 0).all()
+
+
+def test_prompt_and_padding_tokens_get_no_loss_and_no_gradient():
+    mask = torch.tensor([[False, False, True, True, False], [False, True, True, True, True]])
+    logp = torch.randn(2, 5).clamp(max=-0.01).requires_grad_()
+    losses = UniformSFT().token_losses(TokenBatch(logp=logp, mask=mask))
+    assert (losses[~mask] == 0).all()
+    torch.testing.assert_close(losses[mask], -logp[mask])
+    (grad,) = torch.autograd.grad(losses.sum(), logp)
+    torch.testing.assert_close(grad, -mask.float())
+
+
+def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
+    rows = []
+    for i, example in enumerate(EXAMPLES):
+        tokens = tokenize_example(example, tokenizer, 256, str(i))
+        n = sum(tokens["loss_mask"])
+        rows.append({**tokens, "id": str(i), "behavior_logprobs": [-(i + 1) - k / 100 for k in range(n)]})
+    data = PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
+    data.tokenizer = tokenizer
+    batch = data.collate(rows)
+    for i, row in enumerate(rows):
+        assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == pytest.approx(row["behavior_logprobs"])
+    assert (batch["behavior_logp"][~batch["loss_mask"]] == 0).all()
