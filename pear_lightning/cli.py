@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from .data import PearDataModule
 from .errors import PearError
 from .module import PearModule
-from .plugins import load_strategies
+from .plugins import format_strategies, load_strategies
 
 DEBUG_ENV = "PEAR_DEBUG"
 DESCRIPTION = "Supervised fine-tuning with per-token weighting strategies (PEAR, arXiv 2602.01058)."
@@ -68,13 +68,21 @@ class _DropAdverts(logging.Filter):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1)."""
+    """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1).
+
+    ``strategies`` lists the installed weighting strategies; everything else is LightningCLI's
+    (``fit``, ``validate``, ``test``, ``predict``).
+    """
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    args = sys.argv[1:] if args is None else args
     try:
-        load_strategies()
+        strategies = load_strategies()
+        if args[:1] == ["strategies"]:
+            print(format_strategies(strategies))
+            return
         PearCLI(
             PearModule,
             PearDataModule,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import instantiate_class
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics import Metric
+from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
@@ -25,13 +26,16 @@ class PearModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM whose per-token loss comes from a weighting strategy.
 
     The module computes fp32 log-probs of the response tokens, hands them to ``weighting`` as a
-    ``TokenBatch``, and reduces the strategy's per-token losses to their mean over the batch's loss
-    tokens. Validation and test report the unweighted token-mean negative log-likelihood, so runs
-    with different weightings stay comparable.
+    ``TokenBatch``, and reduces the strategy's per-token losses to one scalar. Validation and test
+    report the unweighted token-mean negative log-likelihood, so runs with different weightings
+    stay comparable. The strategy's diagnostics are logged as ``train/<name>``.
 
     Args:
         model_name_or_path: a Hugging Face hub name or a local folder holding a causal LM.
         weighting: the weighting strategy, by class name (``UniformSFT``) or with arguments.
+        loss_normalizer: what the summed token losses are divided by: ``tokens``, the number of loss
+            tokens (the default: a weight below 1 shrinks that token's gradient), or ``weights``, the
+            sum of the weights (self-normalised importance sampling: only relative weights matter).
         trust_remote_code: allow the model folder or hub repository to run its own code.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
             parameters are optimised.
@@ -42,6 +46,7 @@ class PearModule(L.LightningModule):
         self,
         model_name_or_path: str,
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
+        loss_normalizer: Literal["tokens", "weights"] = "tokens",
         trust_remote_code: bool = False,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -52,6 +57,7 @@ class PearModule(L.LightningModule):
         self.model: PreTrainedModel | None = None
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
+        self.diagnostics = torch.nn.ModuleDict()  # one torchmetrics aggregator per strategy metric, made on first use
         self._last_step: tuple[float, int] | None = None
 
     def configure_model(self) -> None:
@@ -73,22 +79,44 @@ class PearModule(L.LightningModule):
         logp = target_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
 
-    def weighted_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The strategy's token losses summed over the batch, over its number of loss tokens."""
+    def weighted_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, TokenBatch]:
+        """The strategy's token losses summed over the batch, over the loss normaliser; and the scored batch."""
         tokens = self.token_batch(batch)
-        return self.weighting.token_losses(tokens).sum() / tokens.mask.sum().clamp(min=1)
+        total = self.weighting.token_losses(tokens).sum()
+        if self.hparams.loss_normalizer == "weights":
+            return total / self.weighting.weights(tokens).sum().clamp(min=1e-8), tokens
+        return total / tokens.mask.sum().clamp(min=1), tokens
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Weighted loss of one micro-batch: the strategy's token losses over the number of loss tokens."""
         if self.weighting.requires_behavior_logp and batch.get("behavior_logp") is None:
             raise PearError(
-                f"weighting {type(self.weighting).__name__} needs the behaviour policy's log-probs and the "
-                "training data has none: add `token_ids` and `logprobs` columns to the data (see the README)"
+                f"weighting {type(self.weighting).__name__} needs the behaviour policy's log-probs (log π_β of "
+                "every response token) and the training data has none: add `token_ids` and `logprobs` columns "
+                "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
             )
-        loss = self.weighted_loss(batch)
+        loss, tokens = self.weighted_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        self._log_diagnostics(tokens)
         self._log_throughput(batch["num_tokens"])
         return loss
+
+    @torch.no_grad()
+    def _log_diagnostics(self, tokens: TokenBatch) -> None:
+        """Log the strategy's metrics: per step as this rank sees them (no sync), per epoch aggregated over
+        steps and ranks by torchmetrics (``*_max`` / ``*_min`` as max / min, the rest token-weighted means)."""
+        values = self.weighting.metrics(tokens, self.weighting.weights(tokens))
+        num_tokens = tokens.mask.sum()
+        for name, value in values.items():
+            if name not in self.diagnostics:
+                kind = MaxMetric if name.endswith("_max") else MinMetric if name.endswith("_min") else MeanMetric
+                self.diagnostics[name] = kind().to(self.device)
+            metric: Metric = self.diagnostics[name]
+            if isinstance(metric, MeanMetric):
+                metric(value, weight=num_tokens)
+            else:
+                metric(value)
+            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, metric_attribute=f"diagnostics.{name}")
 
     def _log_throughput(self, num_tokens: int) -> None:
         """Log tokens/s of the previous step (forward, backward, optimizer and data loading)."""

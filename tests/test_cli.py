@@ -111,7 +111,7 @@ def test_unknown_weighting_is_one_clear_error(run_dir, tiny_model_dir, capsys):
     assert code == 2
     assert err.strip().splitlines() == [
         "error: model.weighting: not a known weighting strategy (Expected a dot import path string: TokenISS). "
-        "Installed strategies: UniformSFT; give one of their names or a full class path "
+        "Installed strategies: BlockIS, DFT, SequenceIS, TokenIS, TruncatedIS, UniformSFT; give one of their names or a full class path "
         "(python -m pear_lightning fit --model.weighting.help NAME)"
     ]
 
@@ -167,3 +167,79 @@ def test_only_trainable_parameters_are_optimised(tiny_model_dir):
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.5
     assert optimised == trainable and len(trainable) == len(list(module.parameters())) - 1
     assert config["lr_scheduler"]["interval"] == "step"
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [
+        ["SequenceIS"],
+        ["TokenIS", "--model.weighting.gamma", "0.99"],
+        ["BlockIS", "--model.weighting.block_size", "8"],
+        ["DFT"],
+        ["TruncatedIS"],
+    ],
+    ids=lambda w: w[0],
+)
+def test_every_builtin_strategy_trains_the_demo_data_and_logs_its_diagnostics(
+    run_dir, tiny_model_dir, capsys, weighting
+):
+    args = [
+        "fit",
+        *cli_args(
+            run_dir,
+            tiny_model_dir,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--model.weighting",
+            *weighting,
+        ),
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    with open(run_dir / "runs" / "demo" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {key for row in rows for key, value in row.items() if value}
+    if weighting[0] in ("SequenceIS", "TokenIS", "BlockIS"):
+        expected = {
+            "weight_mean",
+            "weight_min",
+            "weight_max",
+            "ess",
+            "log_ratio_clipped",
+            "log_weight_clipped",
+            "log_ratio_mean",
+        }
+        assert {f"train/{name}_step" for name in expected} <= logged
+        assert {f"train/{name}_epoch" for name in expected} <= logged
+    saved = yaml.safe_load((run_dir / "runs" / "demo" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["weighting"]["class_path"].endswith("." + weighting[0])
+
+
+def test_an_is_strategy_on_data_without_behaviour_logprobs_stops_before_training(run_dir, tiny_model_dir, capsys):
+    rows = [{"id": str(i), "prompt": "Compute 1+1.", "completion": "#### 2"} for i in range(8)]
+    plain = write_jsonl(run_dir / "plain.jsonl", rows)
+    code, _, err = run_cli(
+        ["fit", *cli_args(run_dir, tiny_model_dir, "--data.train_path", str(plain), "--model.weighting", "TokenIS")],
+        capsys,
+    )
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: weighting TokenIS needs the behaviour policy's log-probs (log π_β of every response token) and the "
+        "training data has none: add `token_ids` and `logprobs` columns scored by the model that generated the data "
+        "(README: Data), or train with UniformSFT or DFT"
+    )
+
+
+def test_strategies_lists_every_builtin_with_its_arguments(capsys):
+    main(["strategies"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "needs", "π_β", "from", "arguments"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert sorted(rows) == ["BlockIS", "DFT", "SequenceIS", "TokenIS", "TruncatedIS", "UniformSFT"]
+    assert rows["BlockIS"].split()[1:4] == ["yes", "pear_lightning", "0.1.0"]
+    assert rows["BlockIS"].endswith(
+        "block_size=4, gamma=0.999, log_ratio_clip=(-0.08, 0.3), log_weight_clip=(-10.0, 5.0)"
+    )
+    assert rows["UniformSFT"].split()[1] == "no" and rows["DFT"].split()[1] == "no"

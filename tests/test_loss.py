@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import conversation
-from pear_lightning.strategies import TokenBatch, UniformSFT
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.render import tokenize_example
+from pear_lightning.strategies import TokenBatch, UniformSFT
 
 EXAMPLES = [
     {"messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
@@ -37,7 +37,7 @@ def module(tiny_model_dir):
 def test_uniform_loss_and_gradients_equal_hugging_face_causal_lm_loss(module, tokenizer):
     batch = collate(tokenizer, EXAMPLES)
     assert batch["attention_mask"].sum(1).unique().numel() == 3  # rows of different lengths, so padding exists
-    ours = module.weighted_loss(batch)
+    ours, _ = module.weighted_loss(batch)
     ours_grads = torch.autograd.grad(ours, list(module.model.parameters()))
 
     labels = batch["input_ids"].masked_fill(~batch["loss_mask"], -100)
@@ -80,3 +80,24 @@ def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
     for i, row in enumerate(rows):
         assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == pytest.approx(row["behavior_logprobs"])
     assert (batch["behavior_logp"][~batch["loss_mask"]] == 0).all()
+
+
+def test_the_weights_normaliser_divides_by_the_sum_of_weights(tiny_model_dir, tokenizer):
+    from pear_lightning.strategies import TokenIS
+
+    rows = []
+    for i, example in enumerate(EXAMPLES):
+        tokens = tokenize_example(example, tokenizer, 256, str(i))
+        rows.append({**tokens, "id": str(i), "behavior_logprobs": [-0.5 - 0.1 * i] * sum(tokens["loss_mask"])})
+    data = PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
+    data.tokenizer = tokenizer
+    batch = data.collate(rows)
+    for normaliser in ("tokens", "weights"):
+        module = PearModule(str(tiny_model_dir), weighting=TokenIS(gamma=0.9), loss_normalizer=normaliser)
+        module.configure_model()
+        loss, tokens = module.weighted_loss(batch)
+        weights = TokenIS(gamma=0.9).weights(tokens)
+        weighted_nll = -(weights * tokens.logp).sum()
+        denominator = weights.sum() if normaliser == "weights" else tokens.mask.sum()
+        torch.testing.assert_close(loss, weighted_nll / denominator)
+        assert weights.sum() < tokens.mask.sum()  # so the two normalisers really differ

@@ -3,14 +3,14 @@
 from importlib.metadata import EntryPoint
 
 import pytest
-from pear_lightning.strategies import UniformSFT
 
 from pear_lightning import plugins
 from pear_lightning.errors import PearError
+from pear_lightning.strategies import UniformSFT
 
 
 def test_builtins_are_registered_as_entry_points():
-    assert plugins.load_strategies()["UniformSFT"] is UniformSFT
+    assert plugins.load_strategies()["UniformSFT"].cls is UniformSFT
 
 
 def with_entry_points(monkeypatch, *extra):
@@ -26,7 +26,7 @@ def test_a_plugin_that_fails_to_import_is_a_warning_naming_it(monkeypatch):
         r"failed to import: ModuleNotFoundError: No module named 'no_such_module'; skipped",
     ):
         found = plugins.load_strategies()
-    assert "Broken" not in found and found["UniformSFT"] is UniformSFT
+    assert "Broken" not in found and found["UniformSFT"].cls is UniformSFT
 
 
 def test_a_plugin_that_is_not_a_strategy_is_refused_and_strict_mode_makes_it_fatal(monkeypatch):
@@ -38,3 +38,60 @@ def test_a_plugin_that_is_not_a_strategy_is_refused_and_strict_mode_makes_it_fat
         PearError, match=r"^strategy plugin 'NotOne' \(collections:OrderedDict, from unknown distribution\) is not"
     ):
         plugins.load_strategies()
+
+
+def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, monkeypatch, capsys):
+    """Install tests/plugin_example as a real distribution, then use its strategy by short name."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from pear_lightning.cli import main
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO / "tests" / "plugin_example"),
+        ],
+        check=True,
+    )
+    monkeypatch.syspath_prepend(str(target))
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    main(["strategies"])
+    listing = capsys.readouterr().out
+    assert any(
+        line.split()[:4] == ["LengthNormalizedSFT", "no", "pear-plugin-example", "0.1.0"]
+        for line in listing.splitlines()
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--model.weighting",
+            "LengthNormalizedSFT",
+            "--model.loss_normalizer",
+            "weights",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    config = (tmp_path / "demo" / "version_0" / "config.yaml").read_text()
+    assert "class_path: pear_plugin_example.LengthNormalizedSFT" in config

@@ -1,0 +1,124 @@
+"""Training-step time of each weighting strategy relative to UniformSFT, side by side in one process.
+
+    python -m benchmarks.strategy_overhead [--repeats 7] [--steps 20]
+
+One step is what ``PearModule.training_step`` does: forward, per-token log-probs, the strategy's
+token losses and diagnostics, backward and an AdamW step, on the demo's student model and data
+(batch 32, fp32). Strategies are timed in rounds, in a different order each round, so machine
+drift cancels; the ratio per round is against the UniformSFT time of the same round.
+Writes ``benchmarks/results/strategy_overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenIS, TruncatedIS, UniformSFT
+
+DEMO = Path(__file__).resolve().parents[1] / "pear_lightning" / "demo"
+RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = {
+    "UniformSFT": UniformSFT(),
+    "SequenceIS": SequenceIS(),
+    "TokenIS": TokenIS(),
+    "BlockIS": BlockIS(),
+    "DFT": DFT(),
+    "TruncatedIS": TruncatedIS(),
+}
+
+
+def time_steps(module: PearModule, optimizer: torch.optim.Optimizer, batches: list[dict], steps: int) -> float:
+    """Seconds per training step, averaged over ``steps`` steps."""
+    start = time.perf_counter()
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        loss, tokens = module.weighted_loss(batch)
+        with torch.no_grad():
+            module.weighting.metrics(tokens, module.weighting.weights(tokens))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return (time.perf_counter() - start) / steps
+
+
+def main(repeats: int, steps: int) -> None:
+    """Run the benchmark and write its results."""
+    data = PearDataModule(
+        train_path=str(DEMO / "data" / "train.jsonl"),
+        tokenizer_name_or_path=str(DEMO / "assets" / "student"),
+        batch_size=32,
+    )
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    batches = [next(loader) for _ in range(steps)]
+    module = PearModule(str(DEMO / "assets" / "student"))
+    module.configure_model()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    names = list(STRATEGIES)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rng = random.Random(0)
+    for name in names:  # warm-up
+        module.weighting = STRATEGIES[name]
+        time_steps(module, optimizer, batches, 3)
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            module.weighting = STRATEGIES[name]
+            times[name].append(time_steps(module, optimizer, batches, steps))
+    base = times["UniformSFT"]
+    results = {
+        name: {
+            "seconds_per_step": times[name],
+            "ratios": [t / b for t, b in zip(times[name], base)],
+            "median_ratio": statistics.median(t / b for t, b in zip(times[name], base)),
+            "min_ratio": min(t / b for t, b in zip(times[name], base)),
+            "max_ratio": max(t / b for t, b in zip(times[name], base)),
+            "median_ms": 1000 * statistics.median(times[name]),
+        }
+        for name in STRATEGIES
+    }
+    report = {
+        "benchmark": "strategy_overhead",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+        },
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "settings": {"repeats": repeats, "steps_per_repeat": steps, "batch_size": 32, "dtype": "float32"},
+        "results": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "strategy_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"Training-step time vs UniformSFT: demo student (0.5M params), batch 32, fp32, "
+        f"{torch.get_num_threads()} CPU threads; median of {repeats} alternated rounds of {steps} steps "
+        f"({report['date']}, `python -m benchmarks.strategy_overhead`).",
+        "",
+        "| strategy | ms / step (median) | ratio to UniformSFT (median) | ratio range |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['median_ms']:.1f} | {r['median_ratio']:.3f} | {r['min_ratio']:.3f}–{r['max_ratio']:.3f} |"
+        )
+    (RESULTS / "strategy_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    main(args.repeats, args.steps)
