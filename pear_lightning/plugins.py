@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from pear_lightning.strategies import WeightingStrategy
 
@@ -18,6 +19,7 @@ from .errors import PearError
 
 GROUP = "pear_lightning.strategies"
 STRICT_ENV = "PEAR_STRICT_PLUGINS"
+OWN_DISTRIBUTION = "pear_lightning"
 
 
 @dataclass(frozen=True)
@@ -41,25 +43,39 @@ def _origin(entry_point: EntryPoint) -> str:
 def load_strategies() -> dict[str, RegisteredStrategy]:
     """Import every registered strategy and return them by entry-point name.
 
-    A plugin that fails to import, or is not a ``WeightingStrategy`` subclass, is skipped with one
-    warning naming it and its distribution; with ``PEAR_STRICT_PLUGINS=1`` it is an error instead.
+    Built-ins are loaded first, and a plugin that takes a name already registered is not imported,
+    so no plugin can hide a built-in. A plugin that fails to import, is not a ``WeightingStrategy``
+    subclass, or whose entry-point name differs from its class name (the name users type) is skipped
+    with one warning (rank 0) naming it and its distribution; with ``PEAR_STRICT_PLUGINS=1`` it is an
+    error instead.
     """
     strategies: dict[str, RegisteredStrategy] = {}
-    for entry_point in entry_points(group=GROUP):
+    ordered = sorted(entry_points(group=GROUP), key=lambda ep: (_origin(ep).split()[0] != OWN_DISTRIBUTION, ep.name))
+    for entry_point in ordered:
         where = f"strategy plugin {entry_point.name!r} ({entry_point.value}, from {_origin(entry_point)})"
-        try:
-            cls = entry_point.load()
-        except Exception as err:  # a broken plugin must not take the trainer down with it
-            problem = f"{where} failed to import: {type(err).__name__}: {err}"
-        else:
-            if isinstance(cls, type) and issubclass(cls, WeightingStrategy):
-                strategies.setdefault(entry_point.name, RegisteredStrategy(cls, _origin(entry_point)))
-                continue
-            problem = f"{where} is not a WeightingStrategy subclass"
+        problem = _register(entry_point, strategies, where)
+        if problem is None:
+            continue
         if os.environ.get(STRICT_ENV) == "1":
             raise PearError(problem)
-        warnings.warn(f"{problem}; skipped (set {STRICT_ENV}=1 to make this an error)", stacklevel=2)
+        rank_zero_warn(f"{problem}; skipped (set {STRICT_ENV}=1 to make this an error)")
     return strategies
+
+
+def _register(entry_point: EntryPoint, strategies: dict[str, RegisteredStrategy], where: str) -> str | None:
+    """Import one entry point into ``strategies``; return what is wrong with it, if anything."""
+    if entry_point.name in strategies:
+        return f"{where} has the name of the strategy from {strategies[entry_point.name].origin}"
+    try:
+        cls = entry_point.load()
+    except Exception as err:  # a broken plugin must not take the trainer down with it
+        return f"{where} failed to import: {type(err).__name__}: {err}"
+    if not (isinstance(cls, type) and issubclass(cls, WeightingStrategy)):
+        return f"{where} is not a WeightingStrategy subclass"
+    if cls.__name__ != entry_point.name:
+        return f"{where} names class {cls.__name__}; the entry-point name must be the class name"
+    strategies[entry_point.name] = RegisteredStrategy(cls, _origin(entry_point))
+    return None
 
 
 def format_strategies(strategies: dict[str, RegisteredStrategy]) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from pear_lightning import plugins
 from pear_lightning.errors import PearError
-from pear_lightning.strategies import UniformSFT
+from pear_lightning.strategies import TokenIS, UniformSFT
 
 
 def test_builtins_are_registered_as_entry_points():
@@ -95,3 +95,23 @@ def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, m
     )
     config = (tmp_path / "demo" / "version_0" / "config.yaml").read_text()
     assert "class_path: pear_plugin_example.LengthNormalizedSFT" in config
+
+
+def test_a_plugin_cannot_hide_a_builtin_or_use_another_name_than_its_class(monkeypatch):
+    with_entry_points(
+        monkeypatch,
+        EntryPoint("TokenIS", "pear_lightning.strategies:UniformSFT", plugins.GROUP),
+        EntryPoint("Alias", "pear_lightning.strategies:DFT", plugins.GROUP),
+    )
+    with pytest.warns(UserWarning) as record:
+        found = plugins.load_strategies()
+    messages = sorted(str(w.message) for w in record)
+    assert messages[0].startswith(
+        "strategy plugin 'Alias' (pear_lightning.strategies:DFT, from unknown distribution) names class DFT; "
+        "the entry-point name must be the class name"
+    )
+    assert messages[1].startswith(
+        "strategy plugin 'TokenIS' (pear_lightning.strategies:UniformSFT, from unknown distribution) has the name of "
+        "the strategy from pear_lightning 0.1.0"
+    )
+    assert found["TokenIS"].cls is TokenIS and "Alias" not in found
