@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .cache import load_cache
 from .errors import PearError
+from .join import join_behavior
 from .render import example_id, tokenize_example
 
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -50,10 +52,11 @@ def load_examples(path: str) -> Dataset:
 class PearDataModule(L.LightningDataModule):
     """Token batches of SFT examples, with the behaviour policy's log-probs when the data carries them.
 
-    Examples have ``messages`` (chat; loss on assistant turns) or ``prompt`` + ``completion``, an
-    optional ``id`` (else a content hash), and optionally the behaviour log-probs of their response
-    tokens: a list column of ``token_ids`` (what the trainer trains on, as the trainer tokenises it)
-    and one of per-token ``logprobs``. Those ids must equal the trainer's response tokens exactly.
+    Examples have ``messages`` (chat; loss on assistant turns) or ``prompt`` + ``completion`` and an
+    optional ``id`` (else a content hash). The behaviour policy's log-probs of their response tokens
+    come from a cache made by ``cache_logprobs`` (``logprobs_path``) or from the data itself: a list
+    column of ``token_ids`` (the response tokens as the trainer tokenises them) and one of per-token
+    ``logprobs``. Either way the join is token-exact, or training does not start.
 
     Args:
         train_path: training examples: a .jsonl/.json/.parquet file, a saved dataset folder, or a hub name.
@@ -64,8 +67,13 @@ class PearDataModule(L.LightningDataModule):
         batch_size: examples per micro-batch.
         max_length: tokens kept per example; longer ones are cut at the end and counted.
         num_workers: DataLoader worker processes.
+        logprobs_path: a cache folder written by ``python -m pear_lightning cache_logprobs``; it takes
+            precedence over log-prob columns in the data.
         token_ids_column: column with each example's response token ids, checked against the trainer's.
         logprobs_column: column with the behaviour policy's log-prob of each of those tokens.
+        drop_misaligned: drop (and count) examples whose behaviour log-probs do not line up, instead of
+            stopping; off by default, because misaligned ratios are silently wrong ratios.
+        max_drop_fraction: with ``drop_misaligned``, stop anyway when more than this fraction would be dropped.
         trust_remote_code: allow the tokenizer to run code from its folder or the hub.
     """
 
@@ -79,8 +87,11 @@ class PearDataModule(L.LightningDataModule):
         batch_size: int = 8,
         max_length: int = 1024,
         num_workers: int = 0,
+        logprobs_path: str | None = None,
         token_ids_column: str = "token_ids",
         logprobs_column: str = "logprobs",
+        drop_misaligned: bool = False,
+        max_drop_fraction: float = 0.01,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -91,11 +102,15 @@ class PearDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.max_length = max_length
         self.num_workers = num_workers
+        self.logprobs_path = logprobs_path
         self.token_ids_column = token_ids_column
         self.logprobs_column = logprobs_column
+        self.drop_misaligned = drop_misaligned
+        self.max_drop_fraction = max_drop_fraction
         self.trust_remote_code = trust_remote_code
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
+        self.behavior: dict[str, Dataset] = {}  # per split: id, token_ids, logprobs; rows named by `behavior_row`
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """Load the tokenizer once; it needs a pad token (else its EOS is used for padding)."""
@@ -123,7 +138,7 @@ class PearDataModule(L.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in needed:
             if self.paths[split] and split not in self.datasets:
-                self.datasets[split] = self.tokenized(split)
+                self.datasets[split] = self.with_behavior(split, self.tokenized(split))
         if stage == "fit" and not self.paths["train"]:
             raise PearError("data.train_path is required for fit")
 
@@ -138,23 +153,13 @@ class PearDataModule(L.LightningDataModule):
         path = self.paths[split]
         tokenizer = self.load_tokenizer()
         raw = load_examples(path)
-        has_logprobs = self.logprobs_column in raw.column_names
-        if has_logprobs and self.token_ids_column not in raw.column_names:
-            raise PearError(
-                f"{path}: has `{self.logprobs_column}` but no `{self.token_ids_column}`; the behaviour log-probs "
-                "must come with the token ids they score, so that they can be checked against the trainer's"
-            )
         consumed = {"messages", "prompt", "completion", "id", self.token_ids_column, self.logprobs_column}
-        max_length, token_ids_column, logprobs_column = self.max_length, self.token_ids_column, self.logprobs_column
+        max_length = self.max_length
 
         def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
             ex_id = example_id(example)
             out = tokenize_example(example, tokenizer, max_length, f"{path} row {index + 1} (id {ex_id})")
             out["id"] = ex_id
-            if has_logprobs:
-                out["behavior_logprobs"], out["logprobs_problem"] = _align_logprobs(
-                    out, example[token_ids_column], example[logprobs_column]
-                )
             return out
 
         data = raw.map(
@@ -163,9 +168,6 @@ class PearDataModule(L.LightningDataModule):
             remove_columns=[c for c in raw.column_names if c in consumed],
             desc=f"Tokenising {split}",
         )
-        if has_logprobs:
-            _raise_on_misaligned(data, path, token_ids_column)
-            data = data.remove_columns("logprobs_problem")
         num_tokens = [sum(m) for m in data["loss_mask"]]
         empty = sum(n == 0 for n in num_tokens)
         truncated = sum(data["truncated"])
@@ -182,8 +184,36 @@ class PearDataModule(L.LightningDataModule):
             data = data.filter(lambda mask: any(mask), input_columns="loss_mask")
         return data
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Pad a list of tokenised examples to the longest one (right padding)."""
+    def with_behavior(self, split: str, data: Dataset) -> Dataset:
+        """Join ``split``'s behaviour log-probs, from the cache or the data's own columns, if there are any.
+
+        Raises:
+            PearError: if the cache does not belong to this tokenizer and data, or examples do not join.
+        """
+        path = self.paths[split]
+        if self.logprobs_path:
+            behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path)
+            where = f"{path} with {self.logprobs_path}"
+        else:
+            raw = load_examples(path)
+            if self.logprobs_column not in raw.column_names:
+                return data
+            if self.token_ids_column not in raw.column_names:
+                raise PearError(
+                    f"{path}: has `{self.logprobs_column}` but no `{self.token_ids_column}`; the behaviour log-probs "
+                    "must come with the token ids they score, so that they can be checked against the trainer's"
+                )
+            ids = raw.map(lambda ex: {"id": example_id(ex)}, remove_columns=raw.column_names, desc="Reading ids")["id"]
+            behavior = raw.select_columns([self.token_ids_column, self.logprobs_column])
+            behavior = behavior.rename_columns({self.token_ids_column: "token_ids", self.logprobs_column: "logprobs"})
+            behavior = behavior.add_column("id", ids)
+            where = path
+        self.behavior[split] = behavior
+        return join_behavior(data, behavior, where, self.drop_misaligned, self.max_drop_fraction)
+
+    def collate(self, rows: list[dict[str, Any]], behavior: Dataset | None = None) -> dict[str, Any]:
+        """Pad a list of tokenised examples to the longest one (right padding), with the behaviour
+        log-probs of their response tokens from ``behavior`` when given."""
         width = max(len(r["input_ids"]) for r in rows)
         pad_id = self.load_tokenizer().pad_token_id
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -201,10 +231,12 @@ class PearDataModule(L.LightningDataModule):
             "ids": [r["id"] for r in rows],
             "num_tokens": int(attention_mask.sum()),
         }
-        if "behavior_logprobs" in rows[0]:
-            behavior = torch.zeros((len(rows), width), dtype=torch.float32)
-            behavior[loss_mask] = torch.tensor([lp for r in rows for lp in r["behavior_logprobs"]], dtype=torch.float32)
-            batch["behavior_logp"] = behavior
+        if behavior is not None:
+            cached = behavior[[r["behavior_row"] for r in rows]]["logprobs"]
+            kept = [lp for lps, r in zip(cached, rows) for lp in lps[: sum(r["loss_mask"])]]  # a truncated prefix
+            behavior_logp = torch.zeros((len(rows), width), dtype=torch.float32)
+            behavior_logp[loss_mask] = torch.tensor(kept, dtype=torch.float32)
+            batch["behavior_logp"] = behavior_logp
         return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -214,7 +246,7 @@ class PearDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
-            collate_fn=self.collate,
+            collate_fn=partial(self.collate, behavior=self.behavior.get(split)),
             num_workers=self.num_workers,
         )
 
@@ -233,36 +265,3 @@ class PearDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Batches to score, in file order."""
         return self._loader("predict", shuffle=False)
-
-
-def _align_logprobs(tokens: dict[str, Any], token_ids: list[int] | None, logprobs: list[float] | None):
-    """Return the behaviour log-probs of the trainer's response tokens and, if they do not line up, why."""
-    response = [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m]
-    if token_ids is None or logprobs is None:
-        return [], "its token ids or log-probs are missing"
-    if len(token_ids) != len(logprobs):
-        return [], f"{len(token_ids)} token ids but {len(logprobs)} log-probs"
-    # A truncated example trains on a prefix of its response, whose log-probs do not depend on the rest.
-    expected = len(response) if tokens["truncated"] else len(token_ids)
-    if token_ids[: len(response)] != response or len(response) != expected:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(token_ids, response)) if a != b), min(len(token_ids), len(response))
-        )
-        counts = f"{len(token_ids)} given, {len(response)} trained"
-        return [], f"token ids differ from the trainer's at response token {first} ({counts})"
-    kept = logprobs[: len(response)]
-    if not all(math.isfinite(lp) for lp in kept):
-        return [], "a log-prob is NaN or infinite"
-    return kept, None
-
-
-def _raise_on_misaligned(data: Dataset, path: str, token_ids_column: str) -> None:
-    """Stop before training if any example's behaviour log-probs do not line up with its tokens."""
-    problems = [(i, p) for i, p in zip(data["id"], data["logprobs_problem"]) if p is not None]
-    if problems:
-        shown = "; ".join(f"id {i}: {p}" for i, p in problems[:3])
-        raise PearError(
-            f"{path}: {len(problems)} of {len(data)} examples have behaviour log-probs that do not line up with "
-            f"the trainer's response tokens (first: {shown}). The `{token_ids_column}` must be the response tokens "
-            "as this tokenizer and chat template produce them; re-score the data with the behaviour model"
-        )

@@ -76,62 +76,98 @@ def test_unsupported_file_type_is_named(tmp_path):
         tokenized(tmp_path / "train.csv")
 
 
+def joined(path, **kwargs):
+    """Set up a data module on ``path`` and collate all of it into one batch."""
+    data = PearDataModule(train_path=str(path), tokenizer_name_or_path=str(STUDENT), batch_size=10_000, **kwargs)
+    data.setup("fit")
+    return data, next(iter(data.train_dataloader()))
+
+
 def test_the_demo_data_joins_its_behaviour_logprobs_token_exactly():
-    data = tokenized(DEMO / "data" / "val.jsonl")
-    rows = [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")]
-    assert len(data) == len(rows)
-    for row, tokens in zip(rows, data):
-        assert [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m] == row["token_ids"]
-        assert tokens["behavior_logprobs"] == pytest.approx(row["logprobs"])
+    data = PearDataModule(
+        val_path=str(DEMO / "data" / "val.jsonl"), tokenizer_name_or_path=str(STUDENT), batch_size=500
+    )
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    rows = {r["id"]: r for r in map(json.loads, open(DEMO / "data" / "val.jsonl"))}
+    assert sorted(batch["ids"]) == sorted(rows)
+    for i, ex_id in enumerate(batch["ids"]):
+        mask = batch["loss_mask"][i]
+        assert batch["input_ids"][i][mask].tolist() == rows[ex_id]["token_ids"]
+        assert batch["behavior_logp"][i][mask].tolist() == pytest.approx(rows[ex_id]["logprobs"], abs=1e-7)
+        assert (batch["behavior_logp"][i][~mask] == 0).all()
 
 
 def demo_rows(count=5):
     return [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")][:count]
 
 
-def test_a_changed_token_id_stops_before_training(tmp_path):
+ADVICE = (
+    "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, "
+    "chat template and max_length), or set data.drop_misaligned true to train without them"
+)
+
+
+def test_changed_token_ids_stop_before_training(tmp_path):
     rows = demo_rows()
     rows[1]["token_ids"][3] += 1
-    rows[3]["token_ids"] = rows[3]["token_ids"][:-1]
+    rows[3]["token_ids"] = rows[3]["token_ids"][:-1]  # a cached row cut short
     rows[3]["logprobs"] = rows[3]["logprobs"][:-1]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError) as err:
-        tokenized(path)
-    n1, n3 = len(rows[1]["token_ids"]), len(rows[3]["token_ids"])
+        joined(path)
     assert str(err.value) == (
-        f"{path}: 2 of 5 examples have behaviour log-probs that do not line up with the trainer's response tokens "
-        f"(first: id {rows[1]['id']}: token ids differ from the trainer's at response token 3 ({n1} given, {n1} trained); "
-        f"id {rows[3]['id']}: token ids differ from the trainer's at response token {n3} ({n3} given, {n3 + 1} trained)). "
-        "The `token_ids` must be the response tokens as this tokenizer and chat template produce them; "
-        "re-score the data with the behaviour model"
+        f"{path}: 2 of 5 examples cannot be joined to their behaviour log-probs: 2 whose cached token_ids differ from "
+        f"the trainer's response tokens (ids or length) (first: {rows[1]['id']}, {rows[3]['id']}). {ADVICE}"
     )
 
 
-def test_nan_logprob_and_length_mismatch_stop_before_training(tmp_path):
+def test_nan_logprob_stops_before_training(tmp_path):
     rows = demo_rows()
     rows[0]["logprobs"][2] = float("nan")
-    rows[2]["logprobs"] = rows[2]["logprobs"][:-1]
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN, as vLLM dumps may
-    with pytest.raises(PearError, match=r": 2 of 5 examples have behaviour log-probs") as err:
-        tokenized(path)
-    n2 = len(rows[2]["token_ids"])
-    assert f"id {rows[0]['id']}: a log-prob is NaN or infinite" in str(err.value)
-    assert f"id {rows[2]['id']}: {n2} token ids but {n2 - 1} log-probs" in str(err.value)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN, as some generators' dumps do
+    with pytest.raises(PearError) as err:
+        joined(path)
+    assert str(err.value) == (
+        f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN or infinite log-probs "
+        f"(first: {rows[0]['id']}). {ADVICE}"
+    )
+
+
+def test_misaligned_examples_can_be_dropped_and_counted_up_to_a_fraction(tmp_path, caplog):
+    rows = demo_rows(5)
+    rows[2]["token_ids"][0] += 1
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with caplog.at_level("INFO"):
+        _, batch = joined(path, drop_misaligned=True, max_drop_fraction=0.2)
+    assert sorted(batch["ids"]) == sorted(r["id"] for i, r in enumerate(rows) if i != 2)
+    assert f"{path}: dropped 1 of 5 examples that cannot be joined" in caplog.text
+    with pytest.raises(PearError, match=r"1 of 5 examples cannot be joined, more than data.max_drop_fraction=0.1: "):
+        joined(path, drop_misaligned=True, max_drop_fraction=0.1)
+
+
+def test_duplicate_ids_with_logprobs_are_refused(tmp_path):
+    rows = demo_rows(3)
+    rows[2]["id"] = rows[0]["id"]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(PearError) as err:
+        joined(path)
+    assert str(err.value) == f"{path}: the behaviour log-probs list 1 ids more than once (first: {rows[0]['id']})"
 
 
 def test_logprobs_without_token_ids_are_refused(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "token_ids"} for r in demo_rows()]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError, match=r"has `logprobs` but no `token_ids`; the behaviour log-probs must come with"):
-        tokenized(path)
+        joined(path)
 
 
 def test_truncation_keeps_the_logprobs_of_the_kept_prefix(tmp_path):
     rows = demo_rows(1)
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    full = tokenized(path)[0]
-    cut = tokenized(path, max_length=len(full["input_ids"]) - 4)[0]
-    kept = sum(cut["loss_mask"])
-    assert cut["truncated"] and kept == sum(full["loss_mask"]) - 3  # the 4th token cut is the template's newline
-    assert cut["behavior_logprobs"] == pytest.approx(rows[0]["logprobs"][:kept])
+    _, full = joined(path)
+    _, cut = joined(path, max_length=full["input_ids"].shape[1] - 4)
+    kept = int(cut["loss_mask"].sum())
+    assert kept == int(full["loss_mask"].sum()) - 3  # the 4th token cut is the template's newline
+    assert cut["behavior_logp"][0][cut["loss_mask"][0]].tolist() == pytest.approx(rows[0]["logprobs"][:kept])

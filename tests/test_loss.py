@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import conversation
+from datasets import Dataset
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.render import tokenize_example
@@ -68,30 +69,31 @@ def test_prompt_and_padding_tokens_get_no_loss_and_no_gradient():
     torch.testing.assert_close(grad, -mask.float())
 
 
-def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
-    rows = []
-    for i, example in enumerate(EXAMPLES):
+def with_behavior(tokenizer, examples):
+    """Collate ``examples`` with made-up behaviour log-probs; return the batch and those log-probs."""
+    rows, behavior = [], []
+    for i, example in enumerate(examples):
         tokens = tokenize_example(example, tokenizer, 256, str(i))
         n = sum(tokens["loss_mask"])
-        rows.append({**tokens, "id": str(i), "behavior_logprobs": [-(i + 1) - k / 100 for k in range(n)]})
+        behavior.append({"id": str(i), "token_ids": [0] * n, "logprobs": [-(i + 1) - k / 100 for k in range(n)]})
+        rows.append({**tokens, "id": str(i), "behavior_row": len(examples) - 1 - i})
+    table = Dataset.from_list(behavior[::-1])  # stored in another order than the batch: rows are looked up
     data = PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
     data.tokenizer = tokenizer
-    batch = data.collate(rows)
-    for i, row in enumerate(rows):
-        assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == pytest.approx(row["behavior_logprobs"])
+    return data.collate(rows, behavior=table), behavior
+
+
+def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
+    batch, behavior = with_behavior(tokenizer, EXAMPLES)
+    for i, row in enumerate(behavior):
+        assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == pytest.approx(row["logprobs"])
     assert (batch["behavior_logp"][~batch["loss_mask"]] == 0).all()
 
 
 def test_the_weights_normaliser_divides_by_the_sum_of_weights(tiny_model_dir, tokenizer):
     from pear_lightning.strategies import TokenIS
 
-    rows = []
-    for i, example in enumerate(EXAMPLES):
-        tokens = tokenize_example(example, tokenizer, 256, str(i))
-        rows.append({**tokens, "id": str(i), "behavior_logprobs": [-0.5 - 0.1 * i] * sum(tokens["loss_mask"])})
-    data = PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
-    data.tokenizer = tokenizer
-    batch = data.collate(rows)
+    batch, _ = with_behavior(tokenizer, EXAMPLES)
     for normaliser in ("tokens", "weights"):
         module = PearModule(str(tiny_model_dir), weighting=TokenIS(gamma=0.9), loss_normalizer=normaliser)
         module.configure_model()

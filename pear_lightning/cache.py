@@ -1,0 +1,136 @@
+"""The behaviour log-prob cache on disk: Parquet shards plus a manifest, written atomically, read back checked.
+
+Layout of a cache folder::
+
+    manifest.json                 written last: its presence means the cache is complete
+    progress.json                 while being written: the inputs, so that a resumed run can check them
+    <split>-<k>.parquet           shard k of a split: id, token_ids (int32 lists), logprobs (float32 lists)
+
+The log-probs are the raw log-softmax of the behaviour model at temperature 1, in fp32, of the
+response tokens exactly as the trainer tokenises them (chat template and ``max_length`` included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset, concatenate_datasets
+from transformers import PreTrainedTokenizerBase
+
+from .errors import PearError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+SCHEMA = pa.schema([("id", pa.string()), ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32()))])
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of what decides token ids: vocabulary, merges, normalisation, special tokens and chat template."""
+    content = {
+        "backend": json.loads(tokenizer.backend_tokenizer.to_str()),
+        "special_tokens": tokenizer.special_tokens_map,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(path: str) -> str:
+    """Hash of a data file's bytes, or of every file in a data folder (names included)."""
+    local = Path(path)
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    if not all(f.exists() for f in files):
+        return f"name:{path}"  # a hub dataset: only its name is known here
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(local) if local.is_dir() else f.name).encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(config: dict[str, Any]) -> str:
+    """Hash of a model's configuration (architecture and sizes), to record which model scored the data."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(temporary_path)`` and rename, so ``path`` is either old, new, or absent."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
+
+
+def write_shard(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write one shard of scored examples atomically."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def shard_rows(path: Path) -> int | None:
+    """The number of rows of a complete shard, or None if it is missing or unreadable."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a complete cache, or None."""
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_cache(folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data_path: str) -> Dataset:
+    """Load one split of a cache, memory-mapped, after checking that it was made for this tokenizer and data.
+
+    Raises:
+        PearError: if the folder holds no complete cache, the tokenizer or data file differs from the
+            ones it was made with, or a shard is missing, unreadable or of the wrong size.
+    """
+    root = Path(folder)
+    redo = f"re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {folder}`"
+    manifest = read_manifest(root)
+    if manifest is None:
+        state = "an unfinished cache (no manifest.json)" if (root / PROGRESS).exists() else "no cache"
+        raise PearError(f"data.logprobs_path={folder}: holds {state}; {redo}")
+    if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise PearError(
+            f"data.logprobs_path={folder}: made with another tokenizer or chat template (fingerprint "
+            f"{manifest['tokenizer_fingerprint']}, this run's is {tokenizer_fingerprint(tokenizer)}); its token ids "
+            f"would not line up: {redo}"
+        )
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise PearError(
+            f"data.logprobs_path={folder}: has no `{split}` split (it has {sorted(manifest['splits'])}); {redo}"
+        )
+    if entry["data_fingerprint"] != data_fingerprint(data_path):
+        raise PearError(
+            f"data.logprobs_path={folder}: the {split} data {data_path} changed since the cache was made from "
+            f"{entry['data_path']} (fingerprint {entry['data_fingerprint']}, now {data_fingerprint(data_path)}); {redo}"
+        )
+    parts = []
+    for shard in entry["shards"]:
+        path = root / shard["file"]
+        if shard_rows(path) != shard["rows"]:
+            raise PearError(
+                f"data.logprobs_path={folder}: shard {shard['file']} is missing, cut short or unreadable; {redo}"
+            )
+        parts.append(Dataset.from_parquet(str(path), split="train"))
+    return concatenate_datasets(parts)
