@@ -126,7 +126,7 @@ def load_cache(folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data
             f"{entry['data_path']} (fingerprint {entry['data_fingerprint']}, now {data_fingerprint(data_path)}); {redo}"
         )
     parts = []
-    for shard in entry["shards"]:
+    for shard in manifest["shards"][split]:
         path = root / shard["file"]
         if shard_rows(path) != shard["rows"]:
             raise PearError(

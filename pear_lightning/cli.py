@@ -70,18 +70,25 @@ class _DropAdverts(logging.Filter):
 def main(args: list[str] | None = None) -> None:
     """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1).
 
-    ``strategies`` lists the installed weighting strategies; everything else is LightningCLI's
-    (``fit``, ``validate``, ``test``, ``predict``).
+    ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data
+    with a behaviour model; everything else is LightningCLI's (``fit``, ``validate``, ``test``,
+    ``predict``).
     """
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-    args = sys.argv[1:] if args is None else args
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    command = sys.argv[1:2] if args is None else args[:1]
     try:
         strategies = load_strategies()
-        if args[:1] == ["strategies"]:
+        if command == ["strategies"]:
             print(format_strategies(strategies))
+            return
+        if command == ["cache_logprobs"]:
+            from .scoring import cache_logprobs  # imports this module: load it only when asked for
+
+            cache_logprobs(sys.argv[2:] if args is None else args[1:])
             return
         PearCLI(
             PearModule,

@@ -1,0 +1,156 @@
+"""``python -m pear_lightning cache_logprobs``: score SFT data with the behaviour model, through Lightning predict.
+
+The run's own config decides the data, tokenizer, chat template and ``max_length``, so the cached
+tokens are exactly the ones training will see; ``--model.model_name_or_path`` names the behaviour
+model, and ``--trainer.devices`` / ``--trainer.strategy ddp`` / ``--trainer.precision`` spread and
+speed up the scoring. Shards are written one at a time, atomically; a run that is stopped resumes
+where it was, and a finished cache is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoConfig
+
+from . import __version__
+from .cache import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRESS,
+    data_fingerprint,
+    model_fingerprint,
+    read_manifest,
+    shard_rows,
+    tokenizer_fingerprint,
+    write_json,
+    write_shard,
+)
+from .cli import PearArgumentParser, PearCLI
+from .data import PearDataModule
+from .errors import PearError
+from .module import PearModule
+
+
+class CacheCLI(PearCLI):
+    """The run's config plus the cache's own options."""
+
+    def add_arguments_to_parser(self, parser: PearArgumentParser) -> None:
+        """Add ``--output``, ``--shard_size`` and ``--splits``."""
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--output", type=str, required=True, help="The cache folder to write (or to finish).")
+        parser.add_argument("--shard_size", type=int, default=10_000, help="Examples per Parquet shard.")
+        parser.add_argument("--splits", type=list[str], default=["train", "val"], help="The data splits to score.")
+
+
+def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]:
+    """Everything the cached numbers depend on; a resumed run must match it exactly."""
+    model_path = cli.model.hparams.model_name_or_path
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cli.model.hparams.trust_remote_code)
+    data: PearDataModule = cli.datamodule
+    return {
+        "format_version": FORMAT_VERSION,
+        "pear_lightning_version": __version__,
+        "behavior_model": model_path,
+        "behavior_model_config_fingerprint": model_fingerprint(config.to_dict()),
+        "tokenizer": data.tokenizer_name_or_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(data.load_tokenizer()),
+        "max_length": data.max_length,
+        "precision": str(cli.trainer.precision),
+        "temperature": 1.0,
+        "raw_distribution": True,  # full log-softmax, no top-k/top-p truncation
+        "splits": {
+            split: {
+                "data_path": data.paths[split],
+                "data_fingerprint": data_fingerprint(data.paths[split]),
+                "examples": len(ds),
+            }
+            for split, ds in splits.items()
+        },
+    }
+
+
+def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
+    """Score ``subset`` on every rank's share of it and return all rows, in ``subset``'s order, on every rank."""
+    data: PearDataModule = cli.datamodule
+    loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=data.collate, num_workers=data.num_workers)
+    predictions = cli.trainer.predict(cli.model, dataloaders=loader, return_predictions=True) or []
+    rows = [row for batch in predictions for row in batch]
+    if cli.trainer.world_size > 1:
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(cli.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    by_id = {row["id"]: row for row in rows}
+    return [by_id[ex_id] for ex_id in subset["id"]]
+
+
+def cache_logprobs(args: list[str]) -> None:
+    """Run the ``cache_logprobs`` command with ``args`` (the command name excluded)."""
+    cli = CacheCLI(
+        PearModule,
+        PearDataModule,
+        run=False,
+        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_class=PearArgumentParser,
+        parser_kwargs={"prog": "python -m pear_lightning cache_logprobs", "description": __doc__.splitlines()[0]},
+    )
+    output, shard_size = Path(cli.config.output), cli.config.shard_size
+    data: PearDataModule = cli.datamodule
+    unknown = [s for s in cli.config.splits if s not in data.paths]
+    if unknown or shard_size < 1:
+        raise PearError(f"cache_logprobs: --splits must name data splits {list(data.paths)} and --shard_size be >= 1")
+    splits = {s: data.tokenized(s) for s in cli.config.splits if data.paths[s]}
+    if not splits:
+        raise PearError(f"cache_logprobs: none of the splits {cli.config.splits} has a data path in the config")
+    inputs = describe_inputs(cli, splits)
+    is_main = cli.trainer.is_global_zero
+
+    finished = read_manifest(output)
+    if finished is not None:
+        if {k: finished.get(k) for k in inputs} == inputs:
+            rank_zero_info(f"{output}: complete already, nothing to do")
+            return
+        raise PearError(
+            f"--output {output}: holds a finished cache made from other inputs (model, tokenizer, data or "
+            "max_length); it is left as it is: choose another --output, or delete that folder first"
+        )
+    progress = output / PROGRESS
+    if progress.exists() and read_progress(progress) != inputs:
+        raise PearError(
+            f"--output {output}: holds an unfinished cache for other inputs; "
+            "delete that folder or choose another --output"
+        )
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(progress, inputs)
+
+    shards: dict[str, list[dict[str, Any]]] = {}
+    tokens: dict[str, int] = {}
+    for split, dataset in splits.items():
+        shards[split], tokens[split] = [], 0
+        for k, start in enumerate(range(0, len(dataset), shard_size)):
+            shard = {"file": f"{split}-{k:05d}.parquet", "rows": min(shard_size, len(dataset) - start)}
+            if shard_rows(output / shard["file"]) != shard["rows"]:  # missing, or cut short by a crash
+                rows = score(cli, dataset.select(range(start, start + shard["rows"])))
+                if is_main:
+                    write_shard(output / shard["file"], rows)
+                rank_zero_info(f"{output / shard['file']}: {len(rows)} examples scored")
+            shards[split].append(shard)
+        tokens[split] = sum(sum(mask) for mask in dataset["loss_mask"])
+    if is_main:
+        write_json(output / MANIFEST, {**inputs, "shards": shards, "tokens": tokens})
+        progress.unlink()
+    rank_zero_info(f"{output}: cache complete ({', '.join(f'{s}: {len(d)} examples' for s, d in splits.items())})")
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """The inputs recorded by an unfinished run."""
+    return json.loads(path.read_text())

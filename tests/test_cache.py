@@ -1,0 +1,325 @@
+"""cache_logprobs writes exactly the behaviour policy's log-probs, resumes, and the join refuses every misfit."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import BEHAVIOR, DEMO, REPO, STUDENT, write_jsonl
+
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.cache import PROGRESS, write_shard
+from pear_lightning.cli import main
+
+REDO = "re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {}`"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Small train/val files from the demo data (with their shipped log-probs)."""
+    root = tmp_path_factory.mktemp("cache")
+    rows = [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")]
+    write_jsonl(root / "train.jsonl", rows[:120])
+    write_jsonl(root / "val.jsonl", rows[120:150])
+    return root
+
+
+def cache_args(workdir, output, *extra):
+    return [
+        "cache_logprobs",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--model.model_name_or_path",
+        str(BEHAVIOR),
+        "--data.train_path",
+        str(workdir / "train.jsonl"),
+        "--data.val_path",
+        str(workdir / "val.jsonl"),
+        "--data.batch_size",
+        "16",
+        "--output",
+        str(output),
+        "--shard_size",
+        "50",
+        *extra,
+    ]
+
+
+def run(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cache(workdir):
+    """A cache of train (3 shards) and val (1 shard), made in this process."""
+    output = workdir / "cache"
+    argv, sys.argv = sys.argv, ["pear_lightning"]
+    try:
+        main(cache_args(workdir, output))
+    finally:
+        sys.argv = argv
+    return output
+
+
+def read_cache(folder):
+    return {f.name: pq.read_table(f).to_pylist() for f in sorted(folder.glob("*.parquet"))}
+
+
+def test_the_cache_reproduces_the_shipped_behaviour_logprobs(workdir, cache):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]["train"]] == [50, 50, 20]
+    assert manifest["temperature"] == 1.0 and manifest["raw_distribution"] is True
+    assert manifest["behavior_model"] == str(BEHAVIOR) and manifest["precision"] == "32-true"
+    shipped = {r["id"]: r for split in ("train", "val") for r in map(json.loads, open(workdir / f"{split}.jsonl"))}
+    cached = [row for rows in read_cache(cache).values() for row in rows]
+    assert sorted(r["id"] for r in cached) == sorted(shipped)
+    for row in cached:
+        assert row["token_ids"] == shipped[row["id"]]["token_ids"]
+        torch.testing.assert_close(
+            torch.tensor(row["logprobs"]), torch.tensor(shipped[row["id"]]["logprobs"]), rtol=0, atol=1e-5
+        )
+    assert not (cache / PROGRESS).exists()
+
+
+def test_behaviour_model_as_student_has_zero_log_ratio_at_step_zero(workdir, cache):
+    data = PearDataModule(
+        train_path=str(workdir / "train.jsonl"),
+        tokenizer_name_or_path=str(BEHAVIOR),
+        logprobs_path=str(cache),
+        batch_size=40,
+    )
+    data.setup("fit")
+    module = PearModule(str(BEHAVIOR))
+    module.configure_model()
+    module.eval()
+    for batch in data.train_dataloader():
+        with torch.no_grad():
+            tokens = module.token_batch(batch)
+        delta = (tokens.logp - tokens.behavior_logp)[tokens.mask]
+        assert delta.abs().max() < 1e-5
+
+
+def test_an_interrupted_cache_resumes_to_the_same_result(workdir, cache, capsys, monkeypatch):
+    resumed = workdir / "resumed"
+    shutil.copytree(cache, resumed)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    (resumed / "manifest.json").unlink()  # as if killed before the end:
+    (resumed / PROGRESS).write_text(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "tokens")}))
+    (resumed / "train-00001.parquet").unlink()  # a shard never written
+    cut = resumed / "train-00002.parquet"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a shard cut in half
+    kept = (resumed / "train-00000.parquet").stat().st_mtime_ns
+    code, err = run(cache_args(workdir, resumed), capsys, monkeypatch)
+    assert code == 0, err
+    assert read_cache(resumed) == read_cache(cache)
+    assert json.loads((resumed / "manifest.json").read_text()) == manifest
+    assert (resumed / "train-00000.parquet").stat().st_mtime_ns == kept  # complete shards are not scored again
+
+
+def test_a_finished_cache_is_never_overwritten_by_other_inputs(workdir, cache, capsys, monkeypatch):
+    before = read_cache(cache)
+    code, err = run(cache_args(workdir, cache, "--data.max_length", "40"), capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: --output {cache}: holds a finished cache made from other inputs (model, tokenizer, data or "
+        "max_length); it is left as it is: choose another --output, or delete that folder first"
+    )
+    assert read_cache(cache) == before
+
+
+def test_two_process_ddp_cache_equals_the_one_process_cache(workdir, cache):
+    output = workdir / "ddp"
+    args = cache_args(
+        workdir, output, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pear_lightning", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_cache(output) == read_cache(cache)
+
+
+# Bad caches: each stops `fit` before its first step with one clear error and exit status 2.
+
+
+def fit_args(workdir, cache, tmp_path):
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--model.model_name_or_path",
+        str(STUDENT),
+        "--data.train_path",
+        str(workdir / "train.jsonl"),
+        "--data.val_path",
+        str(workdir / "val.jsonl"),
+        "--data.logprobs_path",
+        str(cache),
+        "--model.weighting",
+        "TokenIS",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+
+
+def spoil(cache, tmp_path, shard, change):
+    """A copy of the cache whose ``shard`` rows went through ``change`` (the manifest follows the row count)."""
+    spoilt = tmp_path / "spoilt"
+    shutil.copytree(cache, spoilt)
+    rows = pq.read_table(spoilt / shard).to_pylist()
+    rows = change(rows)
+    write_shard(spoilt / shard, rows)
+    manifest = json.loads((spoilt / "manifest.json").read_text())
+    for entry in manifest["shards"]["train"]:
+        if entry["file"] == shard:
+            entry["rows"] = len(rows)
+    (spoilt / "manifest.json").write_text(json.dumps(manifest))
+    return spoilt, rows
+
+
+ADVICE = (
+    "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, "
+    "chat template and max_length), or set data.drop_misaligned true to train without them"
+)
+
+
+def assert_stops(args, capsys, monkeypatch, tmp_path, expected):
+    code, err = run(args, capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "error: " + expected
+    assert not list(tmp_path.glob("**/checkpoints/*.ckpt")) and not list(tmp_path.glob("**/metrics.csv"))
+
+
+def test_an_id_missing_from_the_cache(workdir, cache, tmp_path, capsys, monkeypatch):
+    removed = []
+    spoilt, _ = spoil(
+        cache, tmp_path, "train-00001.parquet", lambda rows: removed.append(rows[7]["id"]) or rows[:7] + rows[8:]
+    )
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
+        f"log-probs: 1 missing from the behaviour log-probs (first: {removed[0]}). {ADVICE}",
+    )
+
+
+def test_a_changed_token_id(workdir, cache, tmp_path, capsys, monkeypatch):
+    def change(rows):
+        rows[3]["token_ids"][5] = (rows[3]["token_ids"][5] + 1) % 300
+        return rows
+
+    spoilt, rows = spoil(cache, tmp_path, "train-00000.parquet", change)
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
+        f"log-probs: 1 whose cached token_ids differ from the trainer's response tokens (ids or length) "
+        f"(first: {rows[3]['id']}). {ADVICE}",
+    )
+
+
+def test_a_truncated_row(workdir, cache, tmp_path, capsys, monkeypatch):
+    def change(rows):
+        rows[0]["token_ids"], rows[0]["logprobs"] = rows[0]["token_ids"][:-2], rows[0]["logprobs"][:-2]
+        return rows
+
+    spoilt, rows = spoil(cache, tmp_path, "train-00002.parquet", change)
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
+        f"log-probs: 1 whose cached token_ids differ from the trainer's response tokens (ids or length) "
+        f"(first: {rows[0]['id']}). {ADVICE}",
+    )
+
+
+def test_a_nan_logprob(workdir, cache, tmp_path, capsys, monkeypatch):
+    def change(rows):
+        rows[9]["logprobs"][1] = float("nan")
+        return rows
+
+    spoilt, rows = spoil(cache, tmp_path, "train-00000.parquet", change)
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
+        f"log-probs: 1 with NaN or infinite log-probs (first: {rows[9]['id']}). {ADVICE}",
+    )
+
+
+def test_a_shard_cut_in_half(workdir, cache, tmp_path, capsys, monkeypatch):
+    spoilt = tmp_path / "spoilt"
+    shutil.copytree(cache, spoilt)
+    shard = spoilt / "train-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; "
+        + REDO.format(spoilt),
+    )
+
+
+def test_a_manifest_from_another_tokenizer(workdir, cache, tmp_path, capsys, monkeypatch):
+    spoilt = tmp_path / "spoilt"
+    shutil.copytree(cache, spoilt)
+    manifest = json.loads((spoilt / "manifest.json").read_text())
+    ours, manifest["tokenizer_fingerprint"] = manifest["tokenizer_fingerprint"], "0123456789abcdef"
+    (spoilt / "manifest.json").write_text(json.dumps(manifest))
+    assert_stops(
+        fit_args(workdir, spoilt, tmp_path),
+        capsys,
+        monkeypatch,
+        tmp_path,
+        f"data.logprobs_path={spoilt}: made with another tokenizer or chat template (fingerprint "
+        f"0123456789abcdef, this run's is {ours}); its token ids would not line up: " + REDO.format(spoilt),
+    )
+
+
+def test_a_cache_made_with_another_chat_template_is_refused(workdir, cache, tmp_path, capsys, monkeypatch):
+    other = tmp_path / "other-template"
+    shutil.copytree(STUDENT, other)
+    template = (other / "chat_template.jinja").read_text()
+    (other / "chat_template.jinja").write_text("You are a calculator.\n" + template)
+    args = fit_args(workdir, cache, tmp_path)
+    args[args.index(str(STUDENT))] = str(other)
+    code, err = run(args, capsys, monkeypatch)
+    assert code == 2 and "made with another tokenizer or chat template" in err.strip().splitlines()[-1]
+
+
+def test_a_data_file_changed_after_caching(workdir, cache, tmp_path, capsys, monkeypatch):
+    changed = tmp_path / "train.jsonl"
+    shutil.copy(workdir / "train.jsonl", changed)
+    with open(changed, "a") as f:
+        f.write(json.dumps({"id": "new", "prompt": "Compute 1+1.", "completion": "#### 2"}) + "\n")
+    args = fit_args(workdir, cache, tmp_path)
+    args[args.index(str(workdir / "train.jsonl"))] = str(changed)
+    code, err = run(args, capsys, monkeypatch)
+    assert code == 2
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(
+        f"error: data.logprobs_path={cache}: the train data {changed} changed since the cache was "
+        f"made from {workdir / 'train.jsonl'} (fingerprint "
+    )
+    assert message.endswith(REDO.format(cache))
