@@ -71,7 +71,8 @@ def main(args: list[str] | None = None) -> None:
     """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1).
 
     ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data
-    with a behaviour model; everything else is LightningCLI's (``fit``, ``validate``, ``test``,
+    with a behaviour model, ``inspect_logprobs`` summarises the behaviour log-probs and the step-0
+    weights; everything else is LightningCLI's (``fit``, ``validate``, ``test``,
     ``predict``).
     """
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
@@ -89,6 +90,11 @@ def main(args: list[str] | None = None) -> None:
             from .scoring import cache_logprobs  # imports this module: load it only when asked for
 
             cache_logprobs(sys.argv[2:] if args is None else args[1:])
+            return
+        if command == ["inspect_logprobs"]:
+            from .inspection import inspect_logprobs
+
+            inspect_logprobs(sys.argv[2:] if args is None else args[1:])
             return
         PearCLI(
             PearModule,

@@ -50,6 +50,7 @@ def cache_args(workdir, output, *extra):
 
 def run(args, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    monkeypatch.chdir(REPO)  # the demo config names the demo model by a path relative to the repository
     try:
         main(args)
         code = 0
@@ -323,3 +324,53 @@ def test_a_data_file_changed_after_caching(workdir, cache, tmp_path, capsys, mon
         f"made from {workdir / 'train.jsonl'} (fingerprint "
     )
     assert message.endswith(REDO.format(cache))
+
+
+def test_inspect_logprobs_summarises_the_cache_and_plots_it(workdir, cache, tmp_path, capsys, monkeypatch):
+    png = tmp_path / "weights.png"
+    args = [
+        "inspect_logprobs",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--model.model_name_or_path",
+        str(BEHAVIOR),
+        "--data.train_path",
+        str(workdir / "train.jsonl"),
+        "--data.val_path",
+        str(workdir / "val.jsonl"),
+        "--data.logprobs_path",
+        str(cache),
+        "--plot",
+        str(png),
+    ]
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    monkeypatch.chdir(REPO)
+    main(args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"120 examples of {workdir / 'train.jsonl'}, π_θ = {BEHAVIOR}"
+    rows = {line[:22].strip(): line[22:].split() for line in out[2:7]}
+    assert set(rows) == {"log π_β", "δ = log π_θ − log π_β", "weight SequenceIS", "weight TokenIS", "weight BlockIS"}
+    assert all(abs(float(v)) < 1e-5 for v in rows["δ = log π_θ − log π_β"][1:])  # π_θ = π_β: every δ is 0
+    assert png.stat().st_size > 10_000
+
+
+def test_inspect_logprobs_needs_logprobs(tmp_path, capsys, monkeypatch):
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "prompt": "Compute 1+1.", "completion": "#### 2"}])
+    code, err = run(
+        [
+            "inspect_logprobs",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--data.train_path",
+            str(plain),
+            "--data.val_path",
+            str(plain),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {plain}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
+        "`python -m pear_lightning cache_logprobs`, or give the data `token_ids` and `logprobs` columns"
+    )

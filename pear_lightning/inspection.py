@@ -1,0 +1,119 @@
+"""``python -m pear_lightning inspect_logprobs``: look at the behaviour log-probs before spending GPU hours.
+
+Prints the counts and quantiles of the behaviour log-probs a run would train with, and, with the
+run's model as π_θ, the initial log-ratios δ = log π_θ − log π_β and the weights each PEAR strategy
+would give at step 0 (with their diagnostics). ``--plot`` writes a PNG of their histograms.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenBatch, TokenIS
+
+from .cli import PearArgumentParser, PearCLI
+from .data import PearDataModule
+from .errors import PearError
+from .module import PearModule
+
+QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
+
+
+class InspectCLI(PearCLI):
+    """The run's config plus the inspection's own options."""
+
+    def add_arguments_to_parser(self, parser: PearArgumentParser) -> None:
+        """Add ``--plot`` and ``--max_examples``."""
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--plot", type=str | None, default=None, help="Write histograms to this PNG file.")
+        parser.add_argument("--max_examples", type=int, default=2000, help="Inspect at most this many examples.")
+
+
+def describe(name: str, values: torch.Tensor) -> str:
+    """One line: count, mean and quantiles."""
+    q = torch.quantile(values.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    cells = "  ".join(f"{v:>9.4f}" for v in q)
+    return f"{name:<22} {values.numel():>9}  {values.double().mean().item():>9.4f}  {cells}"
+
+
+@torch.no_grad()
+def inspect_logprobs(args: list[str]) -> None:
+    """Run the ``inspect_logprobs`` command with ``args`` (the command name excluded)."""
+    cli = InspectCLI(
+        PearModule,
+        PearDataModule,
+        run=False,
+        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_class=PearArgumentParser,
+        parser_kwargs={"prog": "python -m pear_lightning inspect_logprobs", "description": __doc__.splitlines()[0]},
+    )
+    data: PearDataModule = cli.datamodule
+    data.setup("fit")
+    if "train" not in data.behavior:
+        raise PearError(
+            f"{data.paths['train']}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
+            "`python -m pear_lightning cache_logprobs`, or give the data `token_ids` and `logprobs` columns"
+        )
+    module: PearModule = cli.model
+    module.configure_model()
+    module.eval()
+    strategies = {"SequenceIS": SequenceIS(), "TokenIS": TokenIS(), "BlockIS": BlockIS()}
+    if isinstance(module.weighting, ImportanceSampling):
+        strategies[f"{type(module.weighting).__name__} (config)"] = module.weighting
+    behavior, deltas = [], []
+    weights: dict[str, list[torch.Tensor]] = {name: [] for name in strategies}
+    metrics: dict[str, list[dict[str, float]]] = {name: [] for name in strategies}
+    seen = 0
+    for batch in data.train_dataloader():
+        if seen >= cli.config.max_examples:
+            break
+        seen += len(batch["ids"])
+        tokens = module.token_batch(batch)
+        tokens = TokenBatch(logp=tokens.logp, mask=tokens.mask, behavior_logp=batch["behavior_logp"])
+        behavior.append(tokens.behavior_logp[tokens.mask])
+        deltas.append((tokens.logp - tokens.behavior_logp)[tokens.mask])
+        for name, strategy in strategies.items():
+            w = strategy.weights(tokens)
+            weights[name].append(w[tokens.mask])
+            metrics[name].append({k: v.item() for k, v in strategy.metrics(tokens, w).items()})
+    header = f"{'':<22} {'tokens':>9}  {'mean':>9}  " + "  ".join(f"{'q' + str(q):>9}" for q in QUANTILES)
+    lines = [f"{seen} examples of {data.paths['train']}, π_θ = {module.hparams.model_name_or_path}", header]
+    lines.append(describe("log π_β", torch.cat(behavior)))
+    lines.append(describe("δ = log π_θ − log π_β", torch.cat(deltas)))
+    for name in strategies:
+        lines.append(describe(f"weight {name}", torch.cat(weights[name])))
+    lines.append("")
+    for name in strategies:
+        keys = metrics[name][0]
+        averaged = {k: sum(m[k] for m in metrics[name]) / len(metrics[name]) for k in keys}
+        lines.append(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in averaged.items()) + " (mean over batches)")
+    print("\n".join(lines))
+    if cli.config.plot:
+        plot(cli.config.plot, torch.cat(behavior), torch.cat(deltas), {n: torch.cat(w) for n, w in weights.items()})
+        rank_zero_info(f"wrote {cli.config.plot}")
+
+
+def plot(path: str, behavior: torch.Tensor, deltas: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
+    """Histograms of the behaviour log-probs, the log-ratios and each strategy's weights, in one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise PearError("--plot needs matplotlib: pip install 'pear_lightning[plot]'") from err
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].hist(behavior.numpy(), bins=60, log=True)
+    axes[0].set(title="behaviour log-probs log π_β", xlabel="log-prob", ylabel="tokens")
+    axes[1].hist(deltas.clamp(-5, 5).numpy(), bins=60, log=True)
+    axes[1].set(title="initial log-ratio δ (clamped to ±5 for display)", xlabel="δ")
+    for name, w in weights.items():
+        axes[2].hist(w.log().numpy(), bins=60, histtype="step", label=name, log=True)
+    axes[2].set(title="log of the step-0 weights", xlabel="log w")
+    axes[2].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
