@@ -147,8 +147,7 @@ class PearDataModule(L.LightningDataModule):
         with no response token left after truncation.
 
         Raises:
-            PearError: on a malformed row, a behaviour log-prob column that does not line up with the
-                trainer's tokens, or a split with no trainable example.
+            PearError: on a missing file, a malformed row, or a split with no trainable example.
         """
         path = self.paths[split]
         tokenizer = self.load_tokenizer()
@@ -168,8 +167,7 @@ class PearDataModule(L.LightningDataModule):
             remove_columns=[c for c in raw.column_names if c in consumed],
             desc=f"Tokenising {split}",
         )
-        num_tokens = [sum(m) for m in data["loss_mask"]]
-        empty = sum(n == 0 for n in num_tokens)
+        empty = data["num_loss_tokens"].count(0)
         truncated = sum(data["truncated"])
         if empty == len(data):
             raise PearError(
@@ -181,7 +179,7 @@ class PearDataModule(L.LightningDataModule):
                 f"{split} ({path}): {truncated} of {len(data)} examples truncated to max_length={max_length}; "
                 f"{empty} skipped because no response token was left"
             )
-            data = data.filter(lambda mask: any(mask), input_columns="loss_mask")
+            data = data.filter(lambda n: n > 0, input_columns="num_loss_tokens")
         return data
 
     def with_behavior(self, split: str, data: Dataset) -> Dataset:
@@ -233,7 +231,7 @@ class PearDataModule(L.LightningDataModule):
         }
         if behavior is not None:
             cached = behavior[[r["behavior_row"] for r in rows]]["logprobs"]
-            kept = [lp for lps, r in zip(cached, rows) for lp in lps[: sum(r["loss_mask"])]]  # a truncated prefix
+            kept = [lp for lps, r in zip(cached, rows) for lp in lps[: r["num_loss_tokens"]]]  # a truncated prefix
             behavior_logp = torch.zeros((len(rows), width), dtype=torch.float32)
             behavior_logp[loss_mask] = torch.tensor(kept, dtype=torch.float32)
             batch["behavior_logp"] = behavior_logp

@@ -144,9 +144,13 @@ class PearModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Score each example's response tokens: ``id``, ``token_ids`` and fp32 ``logprobs``."""
         tokens = self.token_batch(batch)
+        token_ids = batch["input_ids"][tokens.mask].tolist()  # one transfer for the batch, then split per example
+        logprobs = tokens.logp[tokens.mask].tolist()
+        ends = tokens.mask.sum(dim=1).cumsum(0).tolist()
+        starts = [0, *ends[:-1]]
         return [
-            {"id": ex_id, "token_ids": ids[mask].tolist(), "logprobs": logp[mask].tolist()}
-            for ex_id, ids, mask, logp in zip(batch["ids"], batch["input_ids"], tokens.mask, tokens.logp.float())
+            {"id": ex_id, "token_ids": token_ids[start:end], "logprobs": logprobs[start:end]}
+            for ex_id, start, end in zip(batch["ids"], starts, ends)
         ]
 
     def configure_optimizers(self) -> Any:

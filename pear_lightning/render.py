@@ -80,8 +80,8 @@ def tokenize_example(
         where: names the example in error messages, e.g. ``"data/train.jsonl row 3 (id a1)"``.
 
     Returns:
-        ``input_ids`` and ``loss_mask`` (lists of equal length), ``prompt_length`` (tokens before the
-        last assistant turn, what a model is given to generate it) and ``truncated``.
+        ``input_ids`` and ``loss_mask`` (lists of equal length), ``num_loss_tokens``, ``prompt_length``
+        (tokens before the last assistant turn, what a model is given to generate it) and ``truncated``.
     """
     messages = to_messages(example, where)
     if messages is None and tokenizer.chat_template is not None:
@@ -109,6 +109,7 @@ def tokenize_example(
     return {
         "input_ids": input_ids[:max_length],
         "loss_mask": loss_mask[:max_length],
+        "num_loss_tokens": sum(loss_mask[:max_length]),
         "prompt_length": prompt_length,
         "truncated": len(input_ids) > max_length,
     }

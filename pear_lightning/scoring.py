@@ -144,7 +144,7 @@ def cache_logprobs(args: list[str]) -> None:
                     write_shard(output / shard["file"], rows)
                 rank_zero_info(f"{output / shard['file']}: {len(rows)} examples scored")
             shards[split].append(shard)
-        tokens[split] = sum(sum(mask) for mask in dataset["loss_mask"])
+        tokens[split] = sum(dataset["num_loss_tokens"])
     if is_main:
         write_json(output / MANIFEST, {**inputs, "shards": shards, "tokens": tokens})
         progress.unlink()
