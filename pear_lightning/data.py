@@ -67,6 +67,7 @@ class PearDataModule(L.LightningDataModule):
         batch_size: examples per micro-batch.
         max_length: tokens kept per example; longer ones are cut at the end and counted.
         num_workers: DataLoader worker processes.
+        shuffle: shuffle the training examples every epoch (seeded by ``seed_everything``).
         logprobs_path: a cache folder written by ``python -m pear_lightning cache_logprobs``; it takes
             precedence over log-prob columns in the data.
         token_ids_column: column with each example's response token ids, checked against the trainer's.
@@ -87,6 +88,7 @@ class PearDataModule(L.LightningDataModule):
         batch_size: int = 8,
         max_length: int = 1024,
         num_workers: int = 0,
+        shuffle: bool = True,
         logprobs_path: str | None = None,
         token_ids_column: str = "token_ids",
         logprobs_column: str = "logprobs",
@@ -102,6 +104,7 @@ class PearDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.max_length = max_length
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.logprobs_path = logprobs_path
         self.token_ids_column = token_ids_column
         self.logprobs_column = logprobs_column
@@ -249,8 +252,8 @@ class PearDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader("train", shuffle=True)
+        """Training batches, shuffled unless ``shuffle`` is off."""
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in file order."""

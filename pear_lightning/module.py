@@ -26,7 +26,9 @@ class PearModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM whose per-token loss comes from a weighting strategy.
 
     The module computes fp32 log-probs of the response tokens, hands them to ``weighting`` as a
-    ``TokenBatch``, and reduces the strategy's per-token losses to one scalar. Validation and test
+    ``TokenBatch``, and reduces the strategy's per-token losses to one scalar per optimizer step: their sum
+    over all micro-batches and data-parallel ranks of the step, over the step's ``loss_normalizer``
+    (so ``accumulate_grad_batches`` and the device count do not change the gradient). Validation and test
     report the unweighted token-mean negative log-likelihood, so runs with different weightings
     stay comparable. The strategy's diagnostics are logged as ``train/<name>``.
 
@@ -59,6 +61,8 @@ class PearModule(L.LightningModule):
         self.test_nll = MeanMetric()
         self.diagnostics = torch.nn.ModuleDict()  # one torchmetrics aggregator per strategy metric, made on first use
         self._last_step: tuple[float, int] | None = None
+        # Σ token losses and Σ normaliser over the micro-batches of the current optimizer step.
+        self.register_buffer("_step_totals", torch.zeros(2), persistent=False)
 
     def configure_model(self) -> None:
         """Load the pretrained model (once) in fp32 and in train mode; Lightning applies the precision."""
@@ -79,13 +83,19 @@ class PearModule(L.LightningModule):
         logp = target_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
 
-    def weighted_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, TokenBatch]:
-        """The strategy's token losses summed over the batch, over the loss normaliser; and the scored batch."""
+    def loss_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, TokenBatch]:
+        """The summed token losses of a micro-batch, its share of the normaliser (loss tokens, or the sum of
+        the weights), and the scored batch."""
         tokens = self.token_batch(batch)
         total = self.weighting.token_losses(tokens).sum()
         if self.hparams.loss_normalizer == "weights":
-            return total / self.weighting.weights(tokens).sum().clamp(min=1e-8), tokens
-        return total / tokens.mask.sum().clamp(min=1), tokens
+            return total, self.weighting.weights(tokens).sum(), tokens
+        return total, tokens.mask.sum().float(), tokens
+
+    def weighted_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, TokenBatch]:
+        """The loss of one micro-batch on its own: its summed token losses over its own normaliser."""
+        total, denominator, tokens = self.loss_terms(batch)
+        return total / denominator.clamp(min=1e-8), tokens
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Weighted loss of one micro-batch: the strategy's token losses over the number of loss tokens."""
@@ -95,11 +105,32 @@ class PearModule(L.LightningModule):
                 "every response token) and the training data has none: add `token_ids` and `logprobs` columns "
                 "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
             )
-        loss, tokens = self.weighted_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        total, denominator, tokens = self.loss_terms(batch)
+        self._step_totals += torch.stack([total.detach(), denominator.detach()])
         self._log_diagnostics(tokens)
         self._log_throughput(batch["num_tokens"])
-        return loss
+        # Unnormalised: the normaliser is the whole optimizer step's, known only at its end (on_before_optimizer_step).
+        return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Normalise the accumulated gradient by the normaliser of the whole step, over every micro-batch and
+        every data-parallel rank, so gradient accumulation and the device count do not change the gradient.
+
+        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and data parallelism averages
+        gradients over ranks; both are undone here along with the division by the step's normaliser (one
+        all-reduce of two numbers per step).
+        """
+        totals = self._step_totals
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, denominator = totals.unbind()
+        denominator = denominator.clamp(min=1e-8)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / denominator
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
+        self.log("train/loss", loss_sum / denominator, prog_bar=True)
+        self._step_totals = torch.zeros_like(self._step_totals)
 
     @torch.no_grad()
     def _log_diagnostics(self, tokens: TokenBatch) -> None:
