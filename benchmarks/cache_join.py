@@ -20,7 +20,6 @@ import platform
 import random
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,30 +31,10 @@ from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
 from pear_lightning.logprobs import target_logprobs
 
+from .memory import PeakMemory
+
 DEMO = Path(__file__).resolve().parents[1] / "pear_lightning" / "demo"
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class PeakMemory:
-    """Peak resident memory above the starting point, sampled every 10 ms in a thread."""
-
-    def __enter__(self):
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.added_mb = (self.peak - self.start) / 2**20
 
 
 def synthetic_examples(count: int, tokens: int, seed: int = 0) -> list[dict]:

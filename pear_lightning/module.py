@@ -38,6 +38,8 @@ class PearModule(L.LightningModule):
         loss_normalizer: what the summed token losses are divided by: ``tokens``, the number of loss
             tokens (the default: a weight below 1 shrinks that token's gradient), or ``weights``, the
             sum of the weights (self-normalised importance sampling: only relative weights matter).
+        logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
+            bounds the memory of the vocabulary projection. 0 uses the model's full logits instead.
         trust_remote_code: allow the model folder or hub repository to run its own code.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
             parameters are optimised.
@@ -49,6 +51,7 @@ class PearModule(L.LightningModule):
         model_name_or_path: str,
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
         loss_normalizer: Literal["tokens", "weights"] = "tokens",
+        logprob_chunk_size: int = 256,
         trust_remote_code: bool = False,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -80,7 +83,9 @@ class PearModule(L.LightningModule):
 
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
         """Score a collated batch: fp32 log-probs of its tokens under the current model."""
-        logp = target_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        logp = target_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.hparams.logprob_chunk_size
+        )
         return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
 
     def loss_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, TokenBatch]:

@@ -103,3 +103,34 @@ def test_the_weights_normaliser_divides_by_the_sum_of_weights(tiny_model_dir, to
         denominator = weights.sum() if normaliser == "weights" else tokens.mask.sum()
         torch.testing.assert_close(loss, weighted_nll / denominator)
         assert weights.sum() < tokens.mask.sum()  # so the two normalisers really differ
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 512])
+def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_dir, tokenizer, chunk_size):
+    from pear_lightning.logprobs import separable_head, target_logprobs
+
+    module = PearModule(str(tiny_model_dir))
+    module.configure_model()
+    model = module.model
+    assert separable_head(model) is not None
+    batch = collate(tokenizer, EXAMPLES)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    weights = torch.rand(batch["input_ids"].shape)
+    results = []
+    for size in (0, chunk_size):  # 0: the model's own full logits
+        logp = target_logprobs(model, *args, chunk_size=size)
+        grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+        results.append((logp, grads))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_models_with_transformed_logits_take_the_plain_path(tiny_model_dir):
+    from pear_lightning.logprobs import separable_head
+
+    module = PearModule(str(tiny_model_dir))
+    module.configure_model()
+    module.model.config.final_logit_softcapping = 30.0  # as Gemma 2: logits are not lm_head(hidden)
+    assert separable_head(module.model) is None
