@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -67,34 +68,51 @@ class _DropAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
+# Commands of our own beside LightningCLI's; each module imports this one, so they load only when asked for.
+TOOLS = {
+    "cache_logprobs": "pear_lightning.scoring:cache_logprobs",
+    "inspect_logprobs": "pear_lightning.inspection:inspect_logprobs",
+    "export": "pear_lightning.export:export",
+}
+
+
+def tool_cli(cli_class: type[PearCLI], args: list[str], command: str, description: str) -> PearCLI:
+    """Parse a tool's ``args`` (a run config plus the tool's own options) into a model, data and trainer,
+    without running anything, logging, checkpointing or saving a config."""
+    return cli_class(
+        PearModule,
+        PearDataModule,
+        run=False,
+        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_class=PearArgumentParser,
+        parser_kwargs={"prog": f"python -m pear_lightning {command}", "description": description},
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1).
 
-    ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data
-    with a behaviour model, ``inspect_logprobs`` summarises the behaviour log-probs and the step-0
-    weights; everything else is LightningCLI's (``fit``, ``validate``, ``test``,
-    ``predict``).
+    ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data with
+    a behaviour model, ``inspect_logprobs`` summarises the behaviour log-probs and the step-0
+    weights, ``export`` writes a checkpoint as a Hugging Face model folder; everything else is
+    LightningCLI's (``fit``, ``validate``, ``test``, ``predict``).
     """
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    command = sys.argv[1:2] if args is None else args[:1]
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    argv = sys.argv[1:] if args is None else args
     try:
         strategies = load_strategies()
-        if command == ["strategies"]:
+        if argv[:1] == ["strategies"]:
             print(format_strategies(strategies))
             return
-        if command == ["cache_logprobs"]:
-            from .scoring import cache_logprobs  # imports this module: load it only when asked for
-
-            cache_logprobs(sys.argv[2:] if args is None else args[1:])
-            return
-        if command == ["inspect_logprobs"]:
-            from .inspection import inspect_logprobs
-
-            inspect_logprobs(sys.argv[2:] if args is None else args[1:])
+        if argv[:1] and argv[0] in TOOLS:
+            module, function = TOOLS[argv[0]].split(":")
+            getattr(importlib.import_module(module), function)(argv[1:])
             return
         PearCLI(
             PearModule,

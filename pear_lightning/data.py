@@ -18,6 +18,7 @@ from .cache import load_cache
 from .errors import PearError
 from .join import join_behavior
 from .render import example_id, tokenize_example
+from .sampling import EpochRandomSampler, ResumableLoader
 
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "val", "test", "predict")
@@ -252,8 +253,23 @@ class PearDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches, shuffled unless ``shuffle`` is off."""
-        return self._loader("train", shuffle=self.shuffle)
+        """Training batches, shuffled unless ``shuffle`` is off; a run resumed mid-epoch continues the epoch
+        where it stopped, in the same order."""
+        if "train" not in self.datasets:
+            raise PearError("data.train_path is not set")
+        dataset = self.datasets["train"]
+        return ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(dataset, seed=torch.initial_seed()) if self.shuffle else None,
+            collate_fn=partial(self.collate, behavior=self.behavior.get("train")),
+            num_workers=self.num_workers,
+            trained_batches=self._trained_batches,
+        )
+
+    def _trained_batches(self) -> int:
+        # `processed`: a checkpoint written in on_train_batch_end is taken before `completed` counts that batch.
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in file order."""

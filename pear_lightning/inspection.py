@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenBatch, TokenIS
 
-from .cli import PearArgumentParser, PearCLI
+from .cli import PearArgumentParser, PearCLI, tool_cli
 from .data import PearDataModule
 from .errors import PearError
 from .module import PearModule
@@ -40,16 +40,7 @@ def describe(name: str, values: torch.Tensor) -> str:
 @torch.no_grad()
 def inspect_logprobs(args: list[str]) -> None:
     """Run the ``inspect_logprobs`` command with ``args`` (the command name excluded)."""
-    cli = InspectCLI(
-        PearModule,
-        PearDataModule,
-        run=False,
-        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        parser_class=PearArgumentParser,
-        parser_kwargs={"prog": "python -m pear_lightning inspect_logprobs", "description": __doc__.splitlines()[0]},
-    )
+    cli = tool_cli(InspectCLI, args, "inspect_logprobs", __doc__.splitlines()[0])
     data: PearDataModule = cli.datamodule
     data.setup("fit")
     if "train" not in data.behavior:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -17,6 +18,7 @@ from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
 from .errors import PearError
 from .logprobs import target_logprobs
+from .lora import LoraSettings, apply_lora
 
 DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
@@ -40,6 +42,9 @@ class PearModule(L.LightningModule):
             sum of the weights (self-normalised importance sampling: only relative weights matter).
         logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
             bounds the memory of the vocabulary projection. 0 uses the model's full logits instead.
+        lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints then hold
+            only the adapters (and the optimizer state).
+        gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
         trust_remote_code: allow the model folder or hub repository to run its own code.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
             parameters are optimised.
@@ -52,12 +57,15 @@ class PearModule(L.LightningModule):
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
         loss_normalizer: Literal["tokens", "weights"] = "tokens",
         logprob_chunk_size: int = 256,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["weighting"])
+        self.save_hyperparameters(ignore=["weighting", "lora"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain data: checkpoints load weights_only
         self.weighting = weighting
         self.model: PreTrainedModel | None = None
         self.val_nll = MeanMetric()
@@ -78,8 +86,38 @@ class PearModule(L.LightningModule):
             )
         except (OSError, ValueError) as err:
             raise PearError(f"model.model_name_or_path={path!r}: cannot load a causal LM: {err}") from err
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.lora is not None:
+            model = apply_lora(model, LoraSettings(**self.hparams.lora))
+            self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         # from_pretrained returns eval mode and Lightning does not switch submodules back: dropout would stay off.
         self.model = model.train()
+
+    def checkpointed_keys(self) -> set[str]:
+        """The state-dict keys a checkpoint of this module holds: the trainable ones under LoRA, else all."""
+        if self.hparams.lora is None:
+            return set(self.state_dict())
+        return {f"model.{name}" for name, param in self.model.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under LoRA, keep only the adapters: the frozen base model is the pretrained folder's."""
+        keep = self.checkpointed_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model (or another LoRA setup) before any weight is loaded."""
+        expected, found = self.checkpointed_keys(), set(checkpoint["state_dict"])
+        state = self.state_dict()
+        wrong_shape = sorted(k for k in expected & found if checkpoint["state_dict"][k].shape != state[k].shape)
+        if expected != found or wrong_shape:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise PearError(
+                f"the checkpoint was not made by this model and setup ({self.hparams.model_name_or_path}, "
+                f"lora={'on' if self.hparams.lora else 'off'}): {len(missing)} weights missing, {len(unexpected)} "
+                f"unexpected, {len(wrong_shape)} of another shape (first: {(missing + unexpected + wrong_shape)[:3]}); "
+                "resume with the config that made it"
+            )
 
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
         """Score a collated batch: fp32 log-probs of its tokens under the current model."""

@@ -32,10 +32,9 @@ from .cache import (
     write_json,
     write_shard,
 )
-from .cli import PearArgumentParser, PearCLI
+from .cli import PearArgumentParser, PearCLI, tool_cli
 from .data import PearDataModule
 from .errors import PearError
-from .module import PearModule
 
 
 class CacheCLI(PearCLI):
@@ -92,16 +91,7 @@ def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
 
 def cache_logprobs(args: list[str]) -> None:
     """Run the ``cache_logprobs`` command with ``args`` (the command name excluded)."""
-    cli = CacheCLI(
-        PearModule,
-        PearDataModule,
-        run=False,
-        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        parser_class=PearArgumentParser,
-        parser_kwargs={"prog": "python -m pear_lightning cache_logprobs", "description": __doc__.splitlines()[0]},
-    )
+    cli = tool_cli(CacheCLI, args, "cache_logprobs", __doc__.splitlines()[0])
     output, shard_size = Path(cli.config.output), cli.config.shard_size
     data: PearDataModule = cli.datamodule
     unknown = [s for s in cli.config.splits if s not in data.paths]

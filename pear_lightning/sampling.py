@@ -1,0 +1,65 @@
+"""A training DataLoader that resumes where it stopped: seeded per-epoch order, and its position checkpointed.
+
+Lightning saves the ``state_dict`` of a DataLoader that has one in every checkpoint and hands it
+back on resume. Ours is the number of batches already trained in the current epoch; on resume the
+first iterator skips that many batches (collating them, without touching the model), and the
+shuffled order of an epoch depends only on the seed and the epoch, so the rest of the epoch is
+exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+
+class EpochRandomSampler(RandomSampler):
+    """A random permutation per epoch that depends only on ``seed`` and the epoch (Lightning sets it)."""
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` from now on."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # Reseeded on every pass: Lightning may start an iterator more than once in an epoch (e.g. on resume).
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return super().__iter__()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose checkpointed state is how many batches of the epoch have been trained.
+
+    Args:
+        *args: DataLoader's.
+        trained_batches: returns the number of batches trained so far in the current epoch.
+        **kwargs: DataLoader's.
+    """
+
+    def __init__(self, *args: Any, trained_batches: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained_batches = trained_batches
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the epoch, for the checkpoint."""
+        return {"trained_batches": self.trained_batches()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the checkpointed position on the next iteration."""
+        self._skip = state["trained_batches"]
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        skip, self._skip = self._skip, 0
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        return iterator

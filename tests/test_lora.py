@@ -1,0 +1,118 @@
+"""LoRA: adapter-only checkpoints that resume exactly, and an export that loads as a plain model with the same logits."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import DEMO, REPO, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.cli import main
+from pear_lightning.errors import PearError
+from pear_lightning.lora import LoraSettings
+
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:16]
+    return write_jsonl(tmp_path_factory.mktemp("lora") / "train.jsonl", rows)
+
+
+def fit(model_dir, data_path, root, max_steps, ckpt_path=None, lora=LORA):
+    """Train with 2 batches per epoch, so checkpoints fall on epoch ends; return the module and checkpoint."""
+    L.seed_everything(0)
+    module = PearModule(
+        str(model_dir), lora=lora, optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
+    )
+    data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(model_dir), batch_size=8, shuffle=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    (checkpoint,) = (root / "checkpoints").glob(f"*step={max_steps}.ckpt")
+    return module, checkpoint
+
+
+def adapters(module):
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path, tiny_model_dir, data_path):
+    straight, _ = fit(tiny_model_dir, data_path, tmp_path / "straight", max_steps=4)
+    _, halfway = fit(tiny_model_dir, data_path, tmp_path / "resumed", max_steps=2)
+    state = torch.load(halfway, map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all(".lora_" in key for key in state["state_dict"])
+    assert len(state["state_dict"]) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
+    assert state["optimizer_states"]
+    resumed, _ = fit(tiny_model_dir, data_path, tmp_path / "resumed", max_steps=4, ckpt_path=str(halfway))
+    for name, value in adapters(straight).items():
+        torch.testing.assert_close(adapters(resumed)[name], value, rtol=0, atol=1e-6)
+    assert any(v.abs().sum() > 0 for n, v in adapters(straight).items() if "lora_B" in n)  # it did learn
+
+
+def test_a_checkpoint_of_another_setup_is_refused(tmp_path, tiny_model_dir, data_path):
+    _, checkpoint = fit(tiny_model_dir, data_path, tmp_path, max_steps=2)
+    full = PearModule(str(tiny_model_dir))
+    full.configure_model()
+    with pytest.raises(PearError, match=r"^the checkpoint was not made by this model and setup \(.*, lora=off\): "):
+        full.on_load_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=True))
+
+
+def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
+    tmp_path, tiny_model_dir, data_path, monkeypatch
+):
+    module, checkpoint = fit(tiny_model_dir, data_path, tmp_path / "run", max_steps=2)
+    config = {
+        "model": {
+            "model_name_or_path": str(tiny_model_dir),
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        },
+        "data": {"train_path": str(data_path)},
+    }
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    monkeypatch.chdir(REPO)
+    for name, extra in (("merged", []), ("adapter", ["--adapter_only", "true"])):
+        main(
+            [
+                "export",
+                "--config",
+                str(tmp_path / "run.json"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / name),
+                *extra,
+            ]
+        )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    input_ids = torch.tensor([[1, 5, 9, 13, 40, 41, 42]])
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids).logits, module.model(input_ids=input_ids).logits, rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "export",
+                "--config",
+                str(tmp_path / "run.json"),
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "merged"),
+            ]
+        )
