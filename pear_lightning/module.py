@@ -19,6 +19,7 @@ from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 from .errors import PearError
 from .logprobs import target_logprobs
 from .lora import LoraSettings, apply_lora
+from .sharding import shard_model
 
 DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
@@ -91,6 +92,8 @@ class PearModule(L.LightningModule):
         if self.hparams.lora is not None:
             model = apply_lora(model, LoraSettings(**self.hparams.lora))
             self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
+        if self.device_mesh is not None and not shard_model(model, self.device_mesh):  # ModelParallelStrategy
+            self.hparams.logprob_chunk_size = 0  # a tied lm_head is reachable only through the model's forward
         # from_pretrained returns eval mode and Lightning does not switch submodules back: dropout would stay off.
         self.model = model.train()
 

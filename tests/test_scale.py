@@ -142,3 +142,52 @@ def test_two_data_parallel_ranks_give_the_update_of_one(tmp_path, tiny_model_dir
     one, two = final_parameters(tmp_path, "one") - start, final_parameters(tmp_path, "two") - start
     assert one.norm() > 0
     assert ((one - two).norm() / one.norm()).item() < 1e-5
+
+
+def test_fsdp2_with_lora_trains_on_two_cpu_ranks(tmp_path, tiny_model_dir, alternating_data):
+    config = {
+        "model": {
+            "model_name_or_path": str(tiny_model_dir),
+            "weighting": "TokenIS",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        },
+        "data": {"train_path": str(alternating_data), "batch_size": 2},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1,
+            "strategy": {
+                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+            },
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "fsdp2"},
+            },
+        },
+    }
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "pear_lightning", "fit", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDPPeftModelForCausalLM" in result.stdout  # the model really is sharded (FSDP2 wraps its class)
+    lines = (tmp_path / "fsdp2" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    losses = [
+        float(row.split(",")[header.index("train/loss")])
+        for row in lines[1:]
+        if row.split(",")[header.index("train/loss")]
+    ]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
