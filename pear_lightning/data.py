@@ -142,7 +142,9 @@ class PearDataModule(L.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in needed:
             if self.paths[split] and split not in self.datasets:
-                self.datasets[split] = self.with_behavior(split, self.tokenized(split))
+                data = self.tokenized(split)
+                # Only training weighs tokens by π_θ/π_β; evaluation reports the plain likelihood.
+                self.datasets[split] = self.with_behavior(split, data) if split == "train" else data
         if stage == "fit" and not self.paths["train"]:
             raise PearError("data.train_path is required for fit")
 

@@ -45,7 +45,9 @@ class CacheCLI(PearCLI):
         super().add_arguments_to_parser(parser)
         parser.add_argument("--output", type=str, required=True, help="The cache folder to write (or to finish).")
         parser.add_argument("--shard_size", type=int, default=10_000, help="Examples per Parquet shard.")
-        parser.add_argument("--splits", type=list[str], default=["train", "val"], help="The data splits to score.")
+        parser.add_argument(
+            "--splits", type=list[str], default=["train"], help="The data splits to score (training uses `train`)."
+        )
 
 
 def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]:

@@ -44,6 +44,8 @@ def cache_args(workdir, output, *extra):
         str(output),
         "--shard_size",
         "50",
+        "--splits",
+        "[train,val]",
         *extra,
     ]
 

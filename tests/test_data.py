@@ -84,11 +84,7 @@ def joined(path, **kwargs):
 
 
 def test_the_demo_data_joins_its_behaviour_logprobs_token_exactly():
-    data = PearDataModule(
-        val_path=str(DEMO / "data" / "val.jsonl"), tokenizer_name_or_path=str(STUDENT), batch_size=500
-    )
-    data.setup("validate")
-    batch = next(iter(data.val_dataloader()))
+    _, batch = joined(DEMO / "data" / "val.jsonl")
     rows = {r["id"]: r for r in map(json.loads, open(DEMO / "data" / "val.jsonl"))}
     assert sorted(batch["ids"]) == sorted(rows)
     for i, ex_id in enumerate(batch["ids"]):
