@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import asdict
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import instantiate_class
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
@@ -46,6 +47,8 @@ class PearModule(L.LightningModule):
         lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints then hold
             only the adapters (and the optimizer state).
         gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
+        load_in_4bit: QLoRA: load the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU;
+            needs ``lora``).
         trust_remote_code: allow the model folder or hub repository to run its own code.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
             parameters are optimised.
@@ -60,6 +63,7 @@ class PearModule(L.LightningModule):
         logprob_chunk_size: int = 256,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
+        load_in_4bit: bool = False,
         trust_remote_code: bool = False,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -83,7 +87,10 @@ class PearModule(L.LightningModule):
         path = self.hparams.model_name_or_path
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, trust_remote_code=self.hparams.trust_remote_code
+                path,
+                dtype=torch.float32,
+                trust_remote_code=self.hparams.trust_remote_code,
+                **self._quantization(),
             )
         except (OSError, ValueError) as err:
             raise PearError(f"model.model_name_or_path={path!r}: cannot load a causal LM: {err}") from err
@@ -96,6 +103,22 @@ class PearModule(L.LightningModule):
             self.hparams.logprob_chunk_size = 0  # a tied lm_head is reachable only through the model's forward
         # from_pretrained returns eval mode and Lightning does not switch submodules back: dropout would stay off.
         self.model = model.train()
+
+    def _quantization(self) -> dict[str, Any]:
+        """``from_pretrained`` arguments for QLoRA's 4-bit base model, or none."""
+        if not self.hparams.load_in_4bit:
+            return {}
+        if self.hparams.lora is None:
+            raise PearError("model.load_in_4bit is QLoRA: it needs model.lora (a 4-bit base model cannot be trained)")
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise PearError("model.load_in_4bit needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
     def checkpointed_keys(self) -> set[str]:
         """The state-dict keys a checkpoint of this module holds: the trainable ones under LoRA, else all."""
