@@ -204,68 +204,54 @@ def assert_stops(args, capsys, monkeypatch, tmp_path, expected):
     assert not list(tmp_path.glob("**/checkpoints/*.ckpt")) and not list(tmp_path.glob("**/metrics.csv"))
 
 
-def test_an_id_missing_from_the_cache(workdir, cache, tmp_path, capsys, monkeypatch):
-    removed = []
-    spoilt, _ = spoil(
-        cache, tmp_path, "train-00001.parquet", lambda rows: removed.append(rows[7]["id"]) or rows[:7] + rows[8:]
-    )
+def drop_row(row):
+    return None
+
+
+def bump_token(row):
+    row["token_ids"][5] = (row["token_ids"][5] + 1) % 300
+    return row
+
+
+def cut_row(row):
+    row["token_ids"], row["logprobs"] = row["token_ids"][:-2], row["logprobs"][:-2]
+    return row
+
+
+def nan_logprob(row):
+    row["logprobs"][1] = float("nan")
+    return row
+
+
+MISMATCH = "whose cached token_ids differ from the trainer's response tokens (ids or length)"
+
+
+@pytest.mark.parametrize(
+    ("shard", "index", "change", "clause"),
+    [
+        ("train-00001.parquet", 7, drop_row, "missing from the behaviour log-probs"),
+        ("train-00000.parquet", 3, bump_token, MISMATCH),
+        ("train-00002.parquet", 0, cut_row, MISMATCH),
+        ("train-00000.parquet", 9, nan_logprob, "with NaN or infinite log-probs"),
+    ],
+    ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
+)
+def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, monkeypatch, shard, index, change, clause):
+    spoilt_id = []
+
+    def spoil_one(rows):
+        spoilt_id.append(rows[index]["id"])
+        changed = change(rows[index])
+        return rows[:index] + ([changed] if changed is not None else []) + rows[index + 1 :]
+
+    spoilt, _ = spoil(cache, tmp_path, shard, spoil_one)
     assert_stops(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
         monkeypatch,
         tmp_path,
         f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 missing from the behaviour log-probs (first: {removed[0]}). {ADVICE}",
-    )
-
-
-def test_a_changed_token_id(workdir, cache, tmp_path, capsys, monkeypatch):
-    def change(rows):
-        rows[3]["token_ids"][5] = (rows[3]["token_ids"][5] + 1) % 300
-        return rows
-
-    spoilt, rows = spoil(cache, tmp_path, "train-00000.parquet", change)
-    assert_stops(
-        fit_args(workdir, spoilt, tmp_path),
-        capsys,
-        monkeypatch,
-        tmp_path,
-        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 whose cached token_ids differ from the trainer's response tokens (ids or length) "
-        f"(first: {rows[3]['id']}). {ADVICE}",
-    )
-
-
-def test_a_truncated_row(workdir, cache, tmp_path, capsys, monkeypatch):
-    def change(rows):
-        rows[0]["token_ids"], rows[0]["logprobs"] = rows[0]["token_ids"][:-2], rows[0]["logprobs"][:-2]
-        return rows
-
-    spoilt, rows = spoil(cache, tmp_path, "train-00002.parquet", change)
-    assert_stops(
-        fit_args(workdir, spoilt, tmp_path),
-        capsys,
-        monkeypatch,
-        tmp_path,
-        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 whose cached token_ids differ from the trainer's response tokens (ids or length) "
-        f"(first: {rows[0]['id']}). {ADVICE}",
-    )
-
-
-def test_a_nan_logprob(workdir, cache, tmp_path, capsys, monkeypatch):
-    def change(rows):
-        rows[9]["logprobs"][1] = float("nan")
-        return rows
-
-    spoilt, rows = spoil(cache, tmp_path, "train-00000.parquet", change)
-    assert_stops(
-        fit_args(workdir, spoilt, tmp_path),
-        capsys,
-        monkeypatch,
-        tmp_path,
-        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 with NaN or infinite log-probs (first: {rows[9]['id']}). {ADVICE}",
+        f"log-probs: 1 {clause} (first: {spoilt_id[0]}). {ADVICE}",
     )
 
 

