@@ -114,3 +114,33 @@ def test_export_merges_the_adapters_into_a_plain_model_with_the_same_logits(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: --output {tmp_path / 'merged'}: exists already; export writes a new folder, choose another name"
     )
+
+
+def test_bf16_mixed_keeps_adapters_and_logprobs_in_fp32(tmp_path, tiny_model_dir, data_path):
+    L.seed_everything(0)
+    module = PearModule(str(tiny_model_dir), lora=LORA)
+    data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(tiny_model_dir), batch_size=8)
+    seen = []
+
+    def check(trainer, module, outputs, batch, idx):
+        with torch.no_grad(), trainer.precision_plugin.forward_context():  # the autocast training runs under
+            logits = module.model(input_ids=batch["input_ids"]).logits
+            seen.append((logits.dtype, module.token_batch(batch).logp.dtype))
+
+    record = L.Callback()
+    record.on_train_batch_end = check
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, datamodule=data)
+    assert seen == [(torch.bfloat16, torch.float32)]  # bf16 compute, fp32 log-probs
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    assert trainer.callback_metrics["train/loss"].isfinite()

@@ -88,13 +88,14 @@ def one_step_naive(model_dir, data_path, weighting, normaliser):
         return torch.cat([(p - p.grad).flatten() for p in module.model.parameters()])
 
 
-def cli_config(tmp_path, model_dir, data_path, devices, batch_size, name):
+def cli_config(tmp_path, model_dir, data_path, devices, batch_size, name, normaliser):
     """A run config for one SGD step, written to a file."""
     config = {
         "seed_everything": 0,
         "model": {
             "model_name_or_path": str(model_dir),
             "weighting": {"class_path": "TokenIS", "init_args": {"gamma": 0.9}},
+            "loss_normalizer": normaliser,
         },
         "data": {"train_path": str(data_path), "batch_size": batch_size, "shuffle": False},
         "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
@@ -124,10 +125,11 @@ def final_parameters(tmp_path, name):
     return torch.cat([v.flatten() for k, v in sorted(state.items()) if k.startswith("model.")])
 
 
-def test_two_data_parallel_ranks_give_the_update_of_one(tmp_path, tiny_model_dir, alternating_data):
+@pytest.mark.parametrize("normaliser", ["tokens", "weights"])
+def test_two_data_parallel_ranks_give_the_update_of_one(tmp_path, tiny_model_dir, alternating_data, normaliser):
     runs = {"one": (1, 8), "two": (2, 4)}
     for name, (devices, batch_size) in runs.items():
-        config = cli_config(tmp_path, tiny_model_dir, alternating_data, devices, batch_size, name)
+        config = cli_config(tmp_path, tiny_model_dir, alternating_data, devices, batch_size, name, normaliser)
         result = subprocess.run(
             [sys.executable, "-m", "pear_lightning", "fit", "--config", str(config)],
             cwd=REPO,
