@@ -6,8 +6,9 @@
    and a cache of their response tokens with random log-probs; then ``with_behavior`` (load the
    cache, check it, join it; timed cold, when ``datasets`` converts the Parquet shards, and warm),
    with the peak resident memory added during the join.
-2. Scoring: ``cache_logprobs``'s predict loop vs a bare ``torch.no_grad()`` forward + log-softmax
-   loop over the same batches (demo behaviour model and data), alternated ``--repeats`` times.
+2. Scoring: ``cache_logprobs``'s predict loop vs a hand-written ``torch.no_grad()`` loop that
+   produces the same rows from the same batches (demo behaviour model and data), alternated
+   ``--repeats`` times.
 
 Writes ``benchmarks/results/cache_join.{json,md}``.
 """
@@ -29,7 +30,7 @@ import torch
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
-from pear_lightning.logprobs import target_logprobs
+from pear_lightning.module import prediction_rows
 
 from .memory import PeakMemory
 
@@ -112,12 +113,12 @@ def bench_join(workdir: Path, examples: int, tokens: int) -> dict:
 
 
 @torch.no_grad()
-def bare_loop(model: torch.nn.Module, loader) -> float:
-    """Seconds for a plain no_grad forward + fp32 log-softmax of the response tokens, batch by batch."""
+def bare_loop(module: PearModule, loader) -> float:
+    """Seconds for a hand-written no_grad loop producing the same rows (id, token ids, fp32 log-probs), batch
+    by batch: the same scoring work as cache_logprobs, without Lightning's predict loop around it."""
     start = time.perf_counter()
-    for batch in loader:
-        logp = target_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        logp[batch["loss_mask"]].tolist()
+    for index, batch in enumerate(loader):
+        prediction_rows(module.predict_step(batch, index))
     return time.perf_counter() - start
 
 
@@ -137,10 +138,11 @@ def bench_scoring(repeats: int) -> dict:
     ours, bare = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=True)
+        predictions = trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=True)
+        [row for prediction in predictions for row in prediction_rows(prediction)]
         ours.append(time.perf_counter() - start)
         module.model.eval()
-        bare.append(bare_loop(module.model, data.predict_dataloader()))
+        bare.append(bare_loop(module, data.predict_dataloader()))
     tokens = sum(int(b["loss_mask"].sum()) for b in batches)
     ratios = [b / o for o, b in zip(ours, bare)]  # throughput of ours relative to bare
     return {

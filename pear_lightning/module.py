@@ -242,17 +242,17 @@ class PearModule(L.LightningModule):
         self._nll(batch, self.test_nll)
         self.log("test/loss", self.test_nll, batch_size=len(batch["ids"]))
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Score each example's response tokens: ``id``, ``token_ids`` and fp32 ``logprobs``."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Score the batch's response tokens: ``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` of all its
+        response tokens with each example's ``lengths`` (tensors, so Lightning does not walk long Python lists;
+        ``prediction_rows`` splits them per example)."""
         tokens = self.token_batch(batch)
-        token_ids = batch["input_ids"][tokens.mask].tolist()  # one transfer for the batch, then split per example
-        logprobs = tokens.logp[tokens.mask].tolist()
-        ends = tokens.mask.sum(dim=1).cumsum(0).tolist()
-        starts = [0, *ends[:-1]]
-        return [
-            {"id": ex_id, "token_ids": token_ids[start:end], "logprobs": logprobs[start:end]}
-            for ex_id, start, end in zip(batch["ids"], starts, ends)
-        ]
+        return {
+            "ids": batch["ids"],
+            "token_ids": batch["input_ids"][tokens.mask],
+            "logprobs": tokens.logp[tokens.mask],
+            "lengths": tokens.mask.sum(dim=1),
+        }
 
     def configure_optimizers(self) -> Any:
         """Build the configured optimizer over the trainable parameters, and its scheduler if any."""
@@ -262,3 +262,14 @@ class PearModule(L.LightningModule):
             return optimizer
         scheduler = instantiate_class(optimizer, self.hparams.lr_scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def prediction_rows(prediction: dict[str, Any]) -> list[dict[str, Any]]:
+    """One ``{"id", "token_ids", "logprobs"}`` row per example of a ``PearModule.predict_step`` output."""
+    token_ids, logprobs = prediction["token_ids"].tolist(), prediction["logprobs"].tolist()
+    ends = prediction["lengths"].cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    return [
+        {"id": ex_id, "token_ids": token_ids[start:end], "logprobs": logprobs[start:end]}
+        for ex_id, start, end in zip(prediction["ids"], starts, ends)
+    ]

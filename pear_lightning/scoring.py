@@ -35,6 +35,7 @@ from .cache import (
 from .cli import PearArgumentParser, PearCLI, tool_cli
 from .data import PearDataModule
 from .errors import PearError
+from .module import prediction_rows
 
 
 class CacheCLI(PearCLI):
@@ -82,7 +83,7 @@ def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
     data: PearDataModule = cli.datamodule
     loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=data.collate, num_workers=data.num_workers)
     predictions = cli.trainer.predict(cli.model, dataloaders=loader, return_predictions=True) or []
-    rows = [row for batch in predictions for row in batch]
+    rows = [row for prediction in predictions for row in prediction_rows(prediction)]
     if cli.trainer.world_size > 1:
         gathered: list[list[dict[str, Any]]] = [[] for _ in range(cli.trainer.world_size)]
         torch.distributed.all_gather_object(gathered, rows)

@@ -12,6 +12,7 @@ from conftest import BEHAVIOR, DEMO, REPO
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cli import main
 from pear_lightning.demo.task import Problem, extract_answer, reference_solution, sample_problem
+from pear_lightning.module import prediction_rows
 
 
 def test_the_solver_is_always_right_and_varies_its_wording():
@@ -44,7 +45,7 @@ def test_shipped_logprobs_are_the_behaviour_policy_s_own():
     shipped = {json.loads(line)["id"]: json.loads(line) for line in open(DEMO / "data" / "val.jsonl")}
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad():
-        scored = module.predict_step(batch, 0)
+        scored = prediction_rows(module.predict_step(batch, 0))
     for row in scored:
         assert row["token_ids"] == shipped[row["id"]]["token_ids"]
         torch.testing.assert_close(
