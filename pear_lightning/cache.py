@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
+from .checkpoint_io import atomic_write
 from .errors import PearError
 
 FORMAT_VERSION = 1
@@ -59,16 +59,6 @@ def data_fingerprint(path: str) -> str:
 def model_fingerprint(config: dict[str, Any]) -> str:
     """Hash of a model's configuration (architecture and sizes), to record which model scored the data."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(temporary_path)`` and rename, so ``path`` is either old, new, or absent."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:

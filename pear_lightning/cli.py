@@ -5,21 +5,32 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
+from pear_lightning.strategies import WeightingStrategy
+
+from .checkpoint_io import atomic_write, use_atomic_checkpoints
 from .data import PearDataModule
 from .errors import PearError
 from .module import PearModule
-from .plugins import format_strategies, load_strategies
+from .plugins import format_strategies, load_strategies, skipped_strategies
 
 DEBUG_ENV = "PEAR_DEBUG"
-DESCRIPTION = "Supervised fine-tuning with per-token weighting strategies (PEAR, arXiv 2602.01058)."
+DEBUG_FLAG = "--debug"
+DESCRIPTION = (
+    "Supervised fine-tuning with per-token weighting strategies (PEAR, arXiv 2602.01058). "
+    f"Errors are one line; {DEBUG_FLAG} (anywhere on the line) or {DEBUG_ENV}=1 shows their traceback."
+)
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a path
 
 
 class PearArgumentParser(LightningArgumentParser):
@@ -31,15 +42,37 @@ class PearArgumentParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get(DEBUG_ENV) == "1":
             super().error(message, ex)
         if 'Parser key "model.weighting"' in message:
-            detail = message.strip().splitlines()[-1].strip(" -")
-            known = ", ".join(sorted(load_strategies()))
-            message = (
-                f"model.weighting: not a known weighting strategy ({detail}). Installed strategies: {known}; "
-                "give one of their names or a full class path "
-                "(python -m pear_lightning fit --model.weighting.help NAME)"
-            )
-        sys.stderr.write(f"error: {message}\n")
+            message = _weighting_error(message)
+        sys.stderr.write(f"error: {' '.join(line.strip() for line in message.strip().splitlines() if line.strip())}\n")
         sys.exit(2)
+
+    def save(self, cfg: Namespace, path: str | os.PathLike, *args: Any, multifile: bool = True, **kwargs: Any) -> None:
+        """Save a config; one local file (as LightningCLI's config.yaml) is written atomically."""
+        if multifile or "://" in str(path):
+            super().save(cfg, path, *args, multifile=multifile, **kwargs)
+            return
+        if not kwargs.get("overwrite", False) and os.path.isfile(path):
+            raise ValueError(f"Refusing to overwrite existing file: {path}")
+        save, kwargs = super().save, {**kwargs, "overwrite": True}  # the temporary file is ours to overwrite
+        atomic_write(Path(path), lambda tmp: save(cfg, str(tmp), *args, multifile=False, **kwargs))
+
+
+def _weighting_error(message: str) -> str:
+    """Rewrite jsonargparse's error about ``model.weighting``: a known strategy given a bad argument, a plugin
+    strategy that failed to import, or an unknown name (listing the installed ones)."""
+    known = re.search(r"Problem with given class_path '(?:[\w.]*\.)?(\w+)':(.*)", message, re.DOTALL)
+    if known:
+        name, detail = known.group(1), " ".join(known.group(2).split())
+        return f"model.weighting: {name}: {detail} {_arguments_help(name)}"
+    detail = message.strip().splitlines()[-1].strip(" -")
+    installed = ", ".join(sorted(load_strategies()))
+    broken = [problem for name, problem in skipped_strategies().items() if re.search(rf"\b{name}\b", detail)]
+    if broken:
+        return f"model.weighting: {broken[0]}; fix or reinstall that plugin, or use an installed strategy: {installed}"
+    return (
+        f"model.weighting: not a known weighting strategy ({detail}). Installed strategies: {installed}; "
+        "give one of their names or a full class path (python -m pear_lightning fit --model.weighting.help NAME)"
+    )
 
 
 class PearCLI(LightningCLI):
@@ -54,6 +87,35 @@ class PearCLI(LightningCLI):
         parser.link_arguments("lr_scheduler", "model.lr_scheduler", compute_fn=_as_dict)
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_instantiator(_build_weighting, WeightingStrategy)
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a ``--ckpt_path`` that names nothing before anything is built or written."""
+        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt and ckpt.split(":")[0] not in CKPT_KEYWORDS and "://" not in ckpt and not Path(ckpt).exists():
+            raise PearError(
+                f"--ckpt_path {ckpt}: file not found; give a checkpoint written by fit (in its log folder's "
+                "checkpoints/), or `last` to resume from the newest one"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the trainer, with atomic checkpoint writes and ``weights_only`` loads (see ``checkpoint_io``)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
+
+
+def _build_weighting(cls: type[WeightingStrategy], *args: Any, **kwargs: Any) -> WeightingStrategy:
+    """Build a weighting strategy; arguments it refuses (``ValueError``) become one error naming them."""
+    try:
+        return cls(*args, **kwargs)
+    except ValueError as err:
+        raise PearError(f"model.weighting: {cls.__name__}: {err} {_arguments_help(cls.__name__)}") from err
+
+
+def _arguments_help(strategy: str) -> str:
+    """Where a strategy's arguments are listed."""
+    return f"(python -m pear_lightning fit --model.weighting.help {strategy} lists its arguments)"
 
 
 def _as_dict(namespace: Namespace | None) -> dict | None:
@@ -83,7 +145,9 @@ def tool_cli(cli_class: type[PearCLI], args: list[str], command: str, descriptio
         PearModule,
         PearDataModule,
         run=False,
-        args=[*args, "--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+        # Checkpointing is left as the run config has it (Lightning refuses a ModelCheckpoint callback with
+        # enable_checkpointing=false); ModelCheckpoint saves nothing outside fit.
+        args=[*args, "--trainer.logger=false"],
         save_config_callback=None,
         auto_configure_optimizers=False,
         parser_class=PearArgumentParser,
@@ -92,7 +156,7 @@ def tool_cli(cli_class: type[PearCLI], args: list[str], command: str, descriptio
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the command line; a ``PearError`` is printed as one line (a traceback with PEAR_DEBUG=1).
+    """Run the command line; a ``PearError`` is printed as one line (a traceback with ``--debug`` or PEAR_DEBUG=1).
 
     ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data with
     a behaviour model, ``inspect_logprobs`` summarises the behaviour log-probs and the step-0
@@ -105,6 +169,9 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     argv = sys.argv[1:] if args is None else args
+    if DEBUG_FLAG in argv:
+        os.environ[DEBUG_ENV] = "1"  # also for the processes a multi-device run starts
+        argv = args = [a for a in argv if a != DEBUG_FLAG]
     try:
         strategies = load_strategies()
         if argv[:1] == ["strategies"]:

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
@@ -15,13 +16,18 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import load_cache
-from .errors import PearError
+from .checks import check_behavior_columns, check_unique_ids, no_examples, quiet_reader, unreadable
+from .errors import LOAD_ERRORS, PearError, load_error
 from .join import join_behavior
 from .render import example_id, tokenize_example
 from .sampling import EpochRandomSampler, ResumableLoader
 
+# Local files never reach the network: datasets would ping its S3 bucket to count each load of its json / parquet
+# readers (a hub name still downloads as usual).
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "val", "test", "predict")
+ID = "pear_example_id"  # the id column while it is made (see `tokenized`)
 
 
 def load_examples(path: str) -> Dataset:
@@ -36,12 +42,20 @@ def load_examples(path: str) -> Dataset:
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
             dataset = load_from_disk(str(local))
             return dataset["train"] if hasattr(dataset, "keys") else dataset
-        return load_dataset(str(local), split="train")
+        try:
+            with quiet_reader():
+                return load_dataset(str(local), split="train")
+        except Exception as err:  # datasets wraps the reader's error; the bad line is the useful part
+            raise PearError(unreadable(local, err)) from err
     if local.is_file():
         builder = SUFFIX_BUILDERS.get(local.suffix)
         if builder is None:
             raise PearError(f"{path}: unsupported file type {local.suffix!r}; use .jsonl, .json or .parquet")
-        return load_dataset(builder, data_files=str(local), split="train")
+        try:
+            with quiet_reader():
+                return load_dataset(builder, data_files=str(local), split="train")
+        except Exception as err:  # as above
+            raise PearError(unreadable(local, err)) from err
     if local.suffix in SUFFIX_BUILDERS or path.startswith((".", "/", "~")) or os.sep + os.sep in path:
         raise PearError(f"{path}: file not found")
     try:
@@ -121,9 +135,11 @@ class PearDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             if self.tokenizer_name_or_path is None:
                 raise PearError("data.tokenizer_name_or_path is not set (the CLI sets it to model.model_name_or_path)")
-            tokenizer = AutoTokenizer.from_pretrained(
-                self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code
-            )
+            path = self.tokenizer_name_or_path
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            except LOAD_ERRORS as err:
+                raise load_error("data.tokenizer_name_or_path", path, "a tokenizer", err) from err
             if not tokenizer.is_fast:
                 raise PearError(f"{self.tokenizer_name_or_path}: a fast (Rust) tokenizer is needed for offsets")
             if tokenizer.pad_token_id is None:
@@ -161,10 +177,13 @@ class PearDataModule(L.LightningDataModule):
         consumed = {"messages", "prompt", "completion", "id", self.token_ids_column, self.logprobs_column}
         max_length = self.max_length
 
+        if len(raw) == 0:
+            raise PearError(no_examples(path))
+
         def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
             ex_id = example_id(example)
             out = tokenize_example(example, tokenizer, max_length, f"{path} row {index + 1} (id {ex_id})")
-            out["id"] = ex_id
+            out[ID] = ex_id
             return out
 
         data = raw.map(
@@ -172,7 +191,7 @@ class PearDataModule(L.LightningDataModule):
             with_indices=True,
             remove_columns=[c for c in raw.column_names if c in consumed],
             desc=f"Tokenising {split}",
-        )
+        ).rename_column(ID, "id")  # ids are strings, whatever type the raw column has
         empty = data["num_loss_tokens"].count(0)
         truncated = sum(data["truncated"])
         if empty == len(data):
@@ -196,6 +215,7 @@ class PearDataModule(L.LightningDataModule):
         """
         path = self.paths[split]
         if self.logprobs_path:
+            check_unique_ids(data, path)
             behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path)
             where = f"{path} with {self.logprobs_path}"
         else:
@@ -207,10 +227,13 @@ class PearDataModule(L.LightningDataModule):
                     f"{path}: has `{self.logprobs_column}` but no `{self.token_ids_column}`; the behaviour log-probs "
                     "must come with the token ids they score, so that they can be checked against the trainer's"
                 )
-            ids = raw.map(lambda ex: {"id": example_id(ex)}, remove_columns=raw.column_names, desc="Reading ids")["id"]
+            check_behavior_columns(raw, path, self.token_ids_column, self.logprobs_column)
+            # A new column name: `map` would keep the type of the raw `id` column (int, or JSON for mixed types).
+            ids = raw.map(lambda ex: {ID: example_id(ex)}, remove_columns=raw.column_names, desc="Reading ids")[ID]
             behavior = raw.select_columns([self.token_ids_column, self.logprobs_column])
             behavior = behavior.rename_columns({self.token_ids_column: "token_ids", self.logprobs_column: "logprobs"})
             behavior = behavior.add_column("id", ids)
+            check_unique_ids(data, path)
             where = path
         self.behavior[split] = behavior
         return join_behavior(data, behavior, where, self.drop_misaligned, self.max_drop_fraction)
@@ -273,9 +296,9 @@ class PearDataModule(L.LightningDataModule):
         # `processed`: a checkpoint written in on_train_batch_end is taken before `completed` counts that batch.
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in file order."""
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in file order; none (validation is skipped) without ``val_path``."""
+        return self._loader("val", shuffle=False) if self.paths["val"] else []
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in file order."""

@@ -8,13 +8,12 @@ folder). The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .checkpoint_io import atomic_write_folder
 from .cli import PearArgumentParser, PearCLI, tool_cli
 from .errors import PearError
 from .module import PearModule
@@ -47,11 +46,11 @@ def export(args: list[str]) -> None:
     model = module.model
     if module.hparams.lora is not None and not cli.config.adapter_only:
         model = model.merge_and_unload()
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        model.save_pretrained(temporary, safe_serialization=True)
-        cli.datamodule.load_tokenizer().save_pretrained(temporary)
-        os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    tokenizer = cli.datamodule.load_tokenizer()
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    atomic_write_folder(output, write)
     rank_zero_info(f"exported {checkpoint} to {output}")

@@ -106,7 +106,10 @@ def join_behavior(
         counts = pc.value_counts(behavior_ids).to_pylist()
         dupes = [str(c["values"]) for c in counts if c["counts"] > 1]
         first = ", ".join(dupes[:SHOWN])
-        raise PearError(f"{where}: the behaviour log-probs list {len(dupes)} ids more than once (first: {first})")
+        raise PearError(
+            f"{where}: the behaviour log-probs list {len(dupes)} ids more than once (first: {first}); each example "
+            "needs exactly one row: re-make them with `python -m pear_lightning cache_logprobs`"
+        )
     behavior_table = behavior.with_format("arrow")[:].select(["token_ids", "logprobs"])
     problems = JoinProblems()
     rows_all, keep = [], []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -11,13 +14,14 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
-from .errors import PearError
+from .errors import LOAD_ERRORS, PearError, load_error
 from .logprobs import target_logprobs
 from .lora import LoraSettings, apply_lora
 from .sharding import shard_model
@@ -50,6 +54,10 @@ class PearModule(L.LightningModule):
         load_in_4bit: QLoRA: load the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU;
             needs ``lora``).
         trust_remote_code: allow the model folder or hub repository to run its own code.
+        max_nonfinite_steps: optimizer steps that may be skipped because their loss or gradient holds a NaN or an
+            infinity (on any micro-batch of any rank); a skipped step leaves the weights, the optimizer state and the
+            learning-rate schedule as they were and warns with its example ids. One more stops the run (0: the
+            first one does).
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
             parameters are optimised.
         lr_scheduler: set by the CLI's ``lr_scheduler:`` key; default none (constant learning rate).
@@ -65,10 +73,13 @@ class PearModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         load_in_4bit: bool = False,
         trust_remote_code: bool = False,
+        max_nonfinite_steps: int = 3,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if max_nonfinite_steps < 0:
+            raise PearError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.save_hyperparameters(ignore=["weighting", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain data: checkpoints load weights_only
         self.weighting = weighting
@@ -80,6 +91,10 @@ class PearModule(L.LightningModule):
         self._logprob_chunk_size = logprob_chunk_size
         # Σ token losses and Σ normaliser over the micro-batches of the current optimizer step.
         self.register_buffer("_step_totals", torch.zeros(2), persistent=False)
+        self._step_batches: list[tuple[list[str], torch.Tensor]] = []  # (ids, loss finite) of the step's micro-batches
+        self._step_sums = torch.zeros(3)  # the step's totals over all ranks, and how many ranks had non-finite grads
+        self._nonfinite_steps = 0  # skipped so far in this run, resumed from checkpoints
+        self._skipped_step = False
 
     def configure_model(self) -> None:
         """Load the pretrained model (once) in fp32 and in train mode; Lightning applies the precision."""
@@ -93,8 +108,8 @@ class PearModule(L.LightningModule):
                 trust_remote_code=self.hparams.trust_remote_code,
                 **self._quantization(),
             )
-        except (OSError, ValueError) as err:
-            raise PearError(f"model.model_name_or_path={path!r}: cannot load a causal LM: {err}") from err
+        except LOAD_ERRORS as err:
+            raise load_error("model.model_name_or_path", path, "a causal LM", err) from err
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.lora is not None:
@@ -131,6 +146,7 @@ class PearModule(L.LightningModule):
         """Under LoRA, keep only the adapters: the frozen base model is the pretrained folder's."""
         keep = self.checkpointed_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["nonfinite_steps"] = self._nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (or another LoRA setup) before any weight is loaded."""
@@ -145,6 +161,7 @@ class PearModule(L.LightningModule):
                 f"unexpected, {len(wrong_shape)} of another shape (first: {(missing + unexpected + wrong_shape)[:3]}); "
                 "resume with the config that made it"
             )
+        self._nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
 
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
         """Score a collated batch: fp32 log-probs of its tokens under the current model."""
@@ -176,31 +193,104 @@ class PearModule(L.LightningModule):
                 "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
             )
         total, denominator, tokens = self.loss_terms(batch)
-        self._step_totals += torch.stack([total.detach(), denominator.detach()])
+        terms = torch.stack([total.detach(), denominator.detach()])
+        self._step_totals += terms
+        self._step_batches.append((batch["ids"], terms.isfinite().all()))
         self._log_diagnostics(tokens)
         self._log_throughput(batch["num_tokens"])
         # Unnormalised: the normaliser is the whole optimizer step's, known only at its end (on_before_optimizer_step).
         return total
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer | LightningOptimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Run the step's last forward and backward, then update the weights unless the step is non-finite.
+
+        The closure runs here rather than inside ``optimizer.step`` so that a step whose loss or gradient holds a
+        NaN or an infinity, on any micro-batch of any rank, is skipped before the optimizer sees it: AdamW would
+        still decay the weights and move its moments on zeroed gradients.
+        """
+        loss = optimizer_closure() if optimizer_closure is not None else None
+        local = torch.cat([self._step_totals, self._nonfinite_gradients().reshape(1)])
+        self._step_totals = torch.zeros_like(self._step_totals)
+        # One all-reduce of three numbers: every rank takes the same decision, and normalises with the same sums.
+        self._step_sums = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        if not self._skip_nonfinite_step():
+            optimizer.step(closure=lambda: loss)
+
+    def _nonfinite_gradients(self) -> torch.Tensor:
+        """1.0 if a gradient on this rank (its own shards) holds a NaN or an infinity, else 0.0.
+
+        Under a gradient scaler (fp16) overflowing gradients are routine and the scaler skips them itself.
+        """
+        flag = torch.zeros((), device=self._step_totals.device)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return flag
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor shards (FSDP2)
+        # A sum is non-finite when an element is (or when it overflows fp32, which only a diverged gradient does).
+        total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+        return flag + (~total.isfinite()).float()
+
+    def _skip_nonfinite_step(self) -> bool:
+        """Whether to skip this optimizer step because its loss or gradients are non-finite; warns with the ids of
+        the suspect examples (this rank's), counts it in ``train/skipped_steps``, and stops the run once more than
+        ``max_nonfinite_steps`` steps were skipped."""
+        batches, self._step_batches = self._step_batches, []
+        loss_sum, normaliser, nonfinite_grads = self._step_sums.tolist()  # one device-to-host copy per step
+        loss_finite = math.isfinite(loss_sum) and math.isfinite(normaliser)
+        self._skipped_step = not loss_finite or nonfinite_grads > 0
+        if self._skipped_step:
+            self._nonfinite_steps += 1
+            # This rank's micro-batches whose loss is non-finite; when only the gradient is, any of them may be; none
+            # when the non-finite loss is another rank's.
+            ids = [i for batch_ids, finite in batches if not finite for i in batch_ids]
+            if loss_finite:
+                ids = [i for batch_ids, _ in batches for i in batch_ids]
+            where = f"global step {self.trainer.global_step}"
+            if self.trainer.world_size > 1:
+                where += f", rank {self.trainer.global_rank}"
+            limit = self.hparams.max_nonfinite_steps
+            if self._nonfinite_steps > limit:
+                raise PearError(
+                    f"training stopped at {where}: {self._nonfinite_steps} optimizer steps had a non-finite loss or "
+                    f"gradient, more than model.max_nonfinite_steps={limit}; the last one's examples: {ids}. Check "
+                    "these examples (and their behaviour log-probs), lower the learning rate, or raise "
+                    "model.max_nonfinite_steps"
+                )
+            warnings.warn(
+                f"non-finite loss or gradient at {where}: optimizer step skipped ({self._nonfinite_steps} of at "
+                f"most {limit}); examples: {ids}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.log("train/skipped_steps", float(self._nonfinite_steps))
+        return self._skipped_step
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        """Step the learning-rate schedule, except after a skipped optimizer step: it follows the updates made."""
+        if not self._skipped_step:
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Normalise the accumulated gradient by the normaliser of the whole step, over every micro-batch and
         every data-parallel rank, so gradient accumulation and the device count do not change the gradient.
 
         Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and data parallelism averages
-        gradients over ranks; both are undone here along with the division by the step's normaliser (one
-        all-reduce of two numbers per step).
+        gradients over ranks; both are undone here along with the division by the step's normaliser (summed over
+        ranks in ``optimizer_step``).
         """
-        totals = self._step_totals
-        if self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        loss_sum, denominator = totals.unbind()
+        loss_sum, denominator, _ = self._step_sums.unbind()
         denominator = denominator.clamp(min=1e-8)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / denominator
         for param in self.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype))
         self.log("train/loss", loss_sum / denominator, prog_bar=True)
-        self._step_totals = torch.zeros_like(self._step_totals)
 
     @torch.no_grad()
     def _log_diagnostics(self, tokens: TokenBatch) -> None:

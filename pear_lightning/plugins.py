@@ -20,6 +20,7 @@ from .errors import PearError
 GROUP = "pear_lightning.strategies"
 STRICT_ENV = "PEAR_STRICT_PLUGINS"
 OWN_DISTRIBUTION = "pear_lightning"
+_skipped: dict[str, str] = {}  # see skipped_strategies
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,23 @@ def load_strategies() -> dict[str, RegisteredStrategy]:
     error instead.
     """
     strategies: dict[str, RegisteredStrategy] = {}
+    _skipped.clear()
     ordered = sorted(entry_points(group=GROUP), key=lambda ep: (_origin(ep).split()[0] != OWN_DISTRIBUTION, ep.name))
     for entry_point in ordered:
         where = f"strategy plugin {entry_point.name!r} ({entry_point.value}, from {_origin(entry_point)})"
         problem = _register(entry_point, strategies, where)
         if problem is None:
             continue
+        _skipped[entry_point.name] = problem
         if os.environ.get(STRICT_ENV) == "1":
             raise PearError(problem)
         rank_zero_warn(f"{problem}; skipped (set {STRICT_ENV}=1 to make this an error)")
     return strategies
+
+
+def skipped_strategies() -> dict[str, str]:
+    """The plugins the last ``load_strategies`` skipped, by entry-point name, with what is wrong with each."""
+    return dict(_skipped)
 
 
 def _register(entry_point: EntryPoint, strategies: dict[str, RegisteredStrategy], where: str) -> str | None:

@@ -45,6 +45,13 @@ def to_messages(example: dict[str, Any], where: str) -> list[dict[str, str]] | N
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if isinstance(example.get("prompt"), str) and isinstance(example.get("completion"), str):
         return None
+    wrong = [
+        f"`{k}` is {type(example[k]).__name__}"
+        for k in ("prompt", "completion")
+        if example.get(k) is not None and not isinstance(example[k], str)
+    ]
+    if wrong:
+        raise PearError(f"{where}: `prompt` and `completion` must be strings, but {' and '.join(wrong)}")
     present = sorted(k for k, v in example.items() if v is not None)
     raise PearError(f"{where}: needs `messages` (chat) or `prompt` + `completion` (strings); found fields {present}")
 

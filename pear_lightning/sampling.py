@@ -1,10 +1,10 @@
 """A training DataLoader that resumes where it stopped: seeded per-epoch order, and its position checkpointed.
 
 Lightning saves the ``state_dict`` of a DataLoader that has one in every checkpoint and hands it
-back on resume. Ours is the number of batches already trained in the current epoch; on resume the
-first iterator skips that many batches (collating them, without touching the model), and the
-shuffled order of an epoch depends only on the seed and the epoch, so the rest of the epoch is
-exactly what an uninterrupted run would have seen.
+back on resume. Ours is the number of batches already trained in the current epoch, and the epoch; on
+resume the first iterator skips that many batches if it is still that epoch's (collating them, without
+touching the model), and the shuffled order of an epoch depends only on the seed and the epoch, so the
+rest of the epoch is exactly what an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class EpochRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         # Reseeded on every pass: Lightning may start an iterator more than once in an epoch (e.g. on resume).
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # an unseeded torch's seed is 64-bit
         return super().__iter__()
 
 
@@ -47,19 +47,34 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.trained_batches = trained_batches
         self._skip = 0
+        self._epoch: int | None = None
 
     def state_dict(self) -> dict[str, int]:
-        """The position in the epoch, for the checkpoint."""
-        return {"trained_batches": self.trained_batches()}
+        """The position in the epoch, and the epoch (when the sampler has one), for the checkpoint."""
+        state = {"trained_batches": self.trained_batches()}
+        if isinstance(getattr(self.sampler, "epoch", None), int):
+            state["epoch"] = self.sampler.epoch
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at the checkpointed position on the next iteration."""
-        self._skip = state["trained_batches"]
+        self._skip, self._epoch = state["trained_batches"], state.get("epoch")
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
-        skip, self._skip = self._skip, 0
-        for _ in range(skip):
-            if next(iterator, None) is None:
-                break
-        return iterator
+        skip, epoch, self._skip, self._epoch = self._skip, self._epoch, 0, None
+        if epoch is None or not skip:  # a sampler without epochs has the same order in every epoch
+            for _ in range(skip):
+                if next(iterator, None) is None:
+                    break
+            return iterator
+        return self._resume(iterator, skip, epoch)
+
+    def _resume(self, iterator: Iterator[Any], skip: int, epoch: int) -> Iterator[Any]:
+        # Runs at the first batch: Lightning makes the resumed run's first iterator before it sets the sampler's
+        # epoch, and may start the next epoch with it (a checkpoint taken after an epoch's last batch).
+        if self.sampler.epoch == epoch:
+            for _ in range(skip):
+                if next(iterator, None) is None:
+                    return
+        yield from iterator

@@ -32,6 +32,7 @@ from .cache import (
     write_json,
     write_shard,
 )
+from .checks import check_unique_ids
 from .cli import PearArgumentParser, PearCLI, tool_cli
 from .data import PearDataModule
 from .errors import PearError
@@ -103,6 +104,8 @@ def cache_logprobs(args: list[str]) -> None:
     splits = {s: data.tokenized(s) for s in cli.config.splits if data.paths[s]}
     if not splits:
         raise PearError(f"cache_logprobs: none of the splits {cli.config.splits} has a data path in the config")
+    for split, dataset in splits.items():
+        check_unique_ids(dataset, data.paths[split])  # the cache is keyed by id: one row per id
     inputs = describe_inputs(cli, splits)
     is_main = cli.trainer.is_global_zero
 

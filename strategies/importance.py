@@ -59,7 +59,7 @@ class ImportanceSampling(WeightingStrategy):
         """Unclipped δ = logp − behavior_logp on loss tokens (float64, detached), 0 elsewhere."""
         if batch.behavior_logp is None:
             raise ValueError(f"{type(self).__name__} needs behaviour log-probs (TokenBatch.behavior_logp)")
-        delta = batch.logp.detach().double() - batch.behavior_logp.double()
+        delta = batch.logp.detach().double() - batch.behavior_logp.detach().double()
         return torch.where(batch.mask, delta, torch.zeros_like(delta))
 
     def log_weights(self, batch: TokenBatch) -> Tensor:

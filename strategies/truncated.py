@@ -29,5 +29,5 @@ class TruncatedIS(WeightingStrategy):
         """exp(min(δ_t, log cap)) on loss tokens, 0 elsewhere."""
         if batch.behavior_logp is None:
             raise ValueError("TruncatedIS needs behaviour log-probs (TokenBatch.behavior_logp)")
-        delta = (batch.logp.detach() - batch.behavior_logp).float().clamp(max=math.log(self.cap))
+        delta = (batch.logp.detach() - batch.behavior_logp.detach()).float().clamp(max=math.log(self.cap))
         return torch.where(batch.mask, delta.exp(), torch.zeros_like(delta))

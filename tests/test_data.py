@@ -149,7 +149,7 @@ def test_duplicate_ids_with_logprobs_are_refused(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError) as err:
         joined(path)
-    assert str(err.value) == f"{path}: the behaviour log-probs list 1 ids more than once (first: {rows[0]['id']})"
+    assert str(err.value).startswith(f"{path}: 1 ids name more than one example (first: {rows[0]['id']}); ")
 
 
 def test_logprobs_without_token_ids_are_refused(tmp_path):
