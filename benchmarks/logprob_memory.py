@@ -13,41 +13,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from pear_lightning.logprobs import _chunk_logprobs
+
+from .common import spread, with_range, write_results
+from .memory import PeakMemory
+
+
+def head_inputs(vocab: int, tokens: int, hidden: int) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """An fp32 lm_head, hidden states that require grad, and target ids, seeded."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    return head, torch.randn(tokens, hidden, requires_grad=True), torch.randint(0, vocab, (tokens,))
+
+
+def forward_backward(path: str, head: torch.nn.Linear, h: torch.Tensor, y: torch.Tensor, chunk: int) -> None:
+    """The log-probs of ``y`` from ``h`` and their backward, by ``path``: ``full`` logits or ``ours``."""
+    if path == "full":
+        logp = torch.log_softmax(head(h).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
+    else:
+        parts = [
+            checkpoint(_chunk_logprobs, head, h[s : s + chunk], y[s : s + chunk], use_reentrant=False)
+            for s in range(0, len(y), chunk)
+        ]
+        logp = torch.cat(parts)
+    logp.sum().backward()
 
 
 def one_run(path: str, vocab: int, tokens: int, hidden: int, chunk: int) -> dict:
     """Run one forward + backward in this process; return seconds and peak added memory."""
-    from pear_lightning.logprobs import _chunk_logprobs
-
-    from .memory import PeakMemory
-
-    torch.manual_seed(0)
-    head = torch.nn.Linear(hidden, vocab, bias=False)
-    h = torch.randn(tokens, hidden, requires_grad=True)
-    y = torch.randint(0, vocab, (tokens,))
+    head, h, y = head_inputs(vocab, tokens, hidden)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        if path == "full":
-            logp = torch.log_softmax(head(h).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
-        else:
-            parts = [
-                torch.utils.checkpoint.checkpoint(
-                    _chunk_logprobs, head, h[s : s + chunk], y[s : s + chunk], use_reentrant=False
-                )
-                for s in range(0, tokens, chunk)
-            ]
-            logp = torch.cat(parts)
-        logp.sum().backward()
+        forward_backward(path, head, h, y, chunk)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_added_mb": memory.added_mb}
 
@@ -81,34 +85,27 @@ def main(vocab: int, tokens: int, hidden: int, chunk: int, repeats: int) -> None
     memory_ratio = [o["peak_added_mb"] / f["peak_added_mb"] for o, f in zip(runs["ours"], runs["full"])]
     time_ratio = [o["seconds"] / f["seconds"] for o, f in zip(runs["ours"], runs["full"])]
     report = {
-        "benchmark": "logprob_memory",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__},
         "settings": {"vocab": vocab, "tokens": tokens, "hidden": hidden, "chunk": chunk, "dtype": "float32"},
         "runs": runs,
-        "memory_ratio_median": statistics.median(memory_ratio),
-        "time_ratio_median": statistics.median(time_ratio),
+        "memory_ratio": spread(memory_ratio),
+        "time_ratio": spread(time_ratio),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "logprob_memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    full_mb = statistics.median(r["peak_added_mb"] for r in runs["full"])
-    ours_mb = statistics.median(r["peak_added_mb"] for r in runs["ours"])
-    full_s = statistics.median(r["seconds"] for r in runs["full"])
-    ours_s = statistics.median(r["seconds"] for r in runs["ours"])
+    command = f"python -m benchmarks.logprob_memory --vocab {vocab} --tokens {tokens} --repeats {repeats}"
     lines = [
         f"Log-prob path, forward + backward, V = {vocab:,}, T = {tokens:,} loss tokens, hidden {hidden}, fp32, CPU; "
-        f"median of {repeats} alternated subprocess runs ({report['date']}, `python -m benchmarks.logprob_memory`).",
+        f"median (min–max) of {repeats} alternated subprocess runs (`{command}`).",
         "",
-        "| path | peak memory added | time |",
+        "| path | peak memory added (MB) | time (s) |",
         "|---|---|---|",
-        f"| full logits + log_softmax | {full_mb:,.0f} MB | {full_s:.2f} s |",
-        f"| ours (chunks of {chunk}, recomputed in backward) | {ours_mb:,.0f} MB | {ours_s:.2f} s |",
-        f"| ratio ours / full (targets: memory ≤ 0.25, time ≤ 1.2) | {report['memory_ratio_median']:.3f} | "
-        f"{report['time_ratio_median']:.3f} |",
+        f"| full logits + log_softmax | {with_range([r['peak_added_mb'] for r in runs['full']], 0)} | "
+        f"{with_range([r['seconds'] for r in runs['full']], 2)} |",
+        f"| ours (chunks of {chunk}, recomputed in backward) | "
+        f"{with_range([r['peak_added_mb'] for r in runs['ours']], 0)} | "
+        f"{with_range([r['seconds'] for r in runs['ours']], 2)} |",
+        f"| ratio ours / full, per pair (targets: memory ≤ 0.25, time ≤ 1.2) | {with_range(memory_ratio)} | "
+        f"{with_range(time_ratio)} |",
     ]
-    (RESULTS / "logprob_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("logprob_memory", report, lines)
 
 
 if __name__ == "__main__":

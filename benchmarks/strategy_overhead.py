@@ -12,10 +12,7 @@ Writes ``benchmarks/results/strategy_overhead.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -24,8 +21,9 @@ import torch
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenIS, TruncatedIS, UniformSFT
 
+from .common import spread, with_range, write_results
+
 DEMO = Path(__file__).resolve().parents[1] / "pear_lightning" / "demo"
-RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = {
     "UniformSFT": UniformSFT(),
     "SequenceIS": SequenceIS(),
@@ -75,45 +73,23 @@ def main(repeats: int, steps: int) -> None:
             module.weighting = STRATEGIES[name]
             times[name].append(time_steps(module, optimizer, batches, steps))
     base = times["UniformSFT"]
-    results = {
-        name: {
-            "seconds_per_step": times[name],
-            "ratios": [t / b for t, b in zip(times[name], base)],
-            "median_ratio": statistics.median(t / b for t, b in zip(times[name], base)),
-            "min_ratio": min(t / b for t, b in zip(times[name], base)),
-            "max_ratio": max(t / b for t, b in zip(times[name], base)),
-            "median_ms": 1000 * statistics.median(times[name]),
-        }
-        for name in STRATEGIES
-    }
+    ratios = {name: [t / b for t, b in zip(times[name], base)] for name in STRATEGIES}
     report = {
-        "benchmark": "strategy_overhead",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-        },
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "settings": {"repeats": repeats, "steps_per_repeat": steps, "batch_size": 32, "dtype": "float32"},
-        "results": results,
+        "seconds_per_step": times,
+        "ratio_to_uniform": {name: spread(r) for name, r in ratios.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "strategy_overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"Training-step time vs UniformSFT: demo student (0.5M params), batch 32, fp32, "
-        f"{torch.get_num_threads()} CPU threads; median of {repeats} alternated rounds of {steps} steps "
-        f"({report['date']}, `python -m benchmarks.strategy_overhead`).",
+        f"{torch.get_num_threads()} CPU threads; median (min–max) of {repeats} rounds of {steps} steps, the "
+        f"strategies in a new random order each round (`python -m benchmarks.strategy_overhead --repeats {repeats}`).",
         "",
-        "| strategy | ms / step (median) | ratio to UniformSFT (median) | ratio range |",
-        "|---|---|---|---|",
+        "| strategy | ms / step | ratio to UniformSFT in the same round (target ≤ 1.03) |",
+        "|---|---|---|",
     ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['median_ms']:.1f} | {r['median_ratio']:.3f} | {r['min_ratio']:.3f}–{r['max_ratio']:.3f} |"
-        )
-    (RESULTS / "strategy_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for name in STRATEGIES:
+        lines.append(f"| {name} | {with_range([1000 * t for t in times[name]], 1)} | {with_range(ratios[name])} |")
+    write_results("strategy_overhead", report, lines)
 
 
 if __name__ == "__main__":
