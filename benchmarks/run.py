@@ -122,7 +122,7 @@ def main(only: list[str] | None, device: str) -> int:
     facts = machine()
     header = (
         f"Written by `python -m benchmarks.run{' --device cuda' if device == 'cuda' else ''}` on "
-        f"{time.strftime('%Y-%m-%d')} ({facts['cpus']} CPUs, {facts['memory_gb']} GiB"
+        f"{time.strftime('%Y-%m-%d')} in {minutes:.1f} min ({facts['cpus']} CPUs, {facts['memory_gb']} GiB"
         f"{', ' + machine('cuda')['gpu'] if device == 'cuda' else ''}; fp32 unless stated)."
     )
     if only:
