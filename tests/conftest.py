@@ -34,10 +34,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(STUDENT)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A folder with a freshly initialised two-layer Llama and the demo tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_llama(path: Path, tokenizer, **overrides) -> Path:
+    """Save a freshly initialised (seed 0) two-layer Llama with ``tokenizer`` in ``path``; ``overrides``
+    change its config."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -48,11 +47,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **overrides,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A folder with a freshly initialised two-layer Llama and the demo tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def conversation(question: str, answer: str) -> list[dict[str, str]]:

@@ -5,8 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, write_jsonl
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import DEMO, save_tiny_llama, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import TokenIS
@@ -15,23 +14,7 @@ from pear_lightning.strategies import TokenIS
 @pytest.fixture(scope="module")
 def dropout_model_dir(tmp_path_factory, tokenizer):
     """A tiny Llama with attention dropout, so that a run consumes random numbers in every forward."""
-    path = tmp_path_factory.mktemp("tiny-llama-dropout")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attention_dropout=0.2,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-dropout"), tokenizer, attention_dropout=0.2)
 
 
 @pytest.fixture(scope="module")
