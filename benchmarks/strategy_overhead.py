@@ -39,10 +39,7 @@ def time_steps(module: PearModule, optimizer: torch.optim.Optimizer, batches: li
     start = time.perf_counter()
     for i in range(steps):
         batch = batches[i % len(batches)]
-        loss, tokens = module.weighted_loss(batch)
-        with torch.no_grad():
-            module.weighting.metrics(tokens, module.weighting.weights(tokens))
-        loss.backward()
+        module.loss_terms(batch).mean.backward()  # weights, loss, normaliser and diagnostics, as a training step
         optimizer.step()
         optimizer.zero_grad()
     return (time.perf_counter() - start) / steps

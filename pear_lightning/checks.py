@@ -1,13 +1,9 @@
-"""Checks of the data that name the bad input (file, line or row, id) instead of failing deep inside a library."""
+"""Checks of the examples and their behaviour log-prob columns that name the bad input (file, row, id)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import numbers
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,68 +12,14 @@ from datasets import Dataset
 from .errors import PearError
 from .render import example_id
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SHOWN = 3
+SHOWN = 3  # ids named in a message
 
 
-def no_examples(path: str | Path) -> str:
-    """The message for a data file or dataset without a single example."""
-    return f"{path}: holds no examples; give at least one (JSON Lines: one JSON object per line)"
-
-
-@contextmanager
-def quiet_reader() -> Iterator[None]:
-    """Hide the ``datasets`` JSON reader's own error log while a file is read: ``unreadable`` says it better."""
-    log = logging.getLogger("datasets.packaged_modules.json.json")
-    level, log.level = log.level, logging.CRITICAL
-    try:
-        yield
-    finally:
-        log.level = level
-
-
-def unreadable(path: Path, err: Exception) -> str:
-    """Say, on one line, why ``datasets`` could not read a data file (or a folder of them): the first line
-    that is not a JSON object, no example at all, or else the reader's own error."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
-    json_files = [f for f in files if DATA_SUFFIXES.get(f.suffix) == "json"]
-    for file in json_files:
-        if (problem := _bad_line(file)) is not None:
-            return problem
-    # `datasets` says "corresponds to no data" of files without rows; an empty JSON file stops it without a word.
-    if "corresponds to no data" in str(err) or (json_files == files and not any(_has_text(f) for f in files)):
-        return no_examples(path)
-    cause = err.__cause__ or err
-    return f"{path}: cannot be read as a dataset: {type(cause).__name__}: {' '.join(str(cause).split())}"
-
-
-def _bad_line(file: Path) -> str | None:
-    """The first line of a JSON Lines file that is not a JSON object, described; None if every line is one
-    (or the file is a single JSON array, which only the reader checks)."""
-    first = True
-    with open(file, encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as bad:
-                if first and text.startswith("["):
-                    return None
-                return f"{file} line {number}: not valid JSON ({bad.msg} at column {bad.colno}); fix or delete the line"
-            if not isinstance(value, dict):
-                if first and isinstance(value, list):
-                    return None
-                return f"{file} line {number}: a JSON {type(value).__name__}, not an object; each line is one example"
-            first = False
-    return None
-
-
-def _has_text(file: Path) -> bool:
-    """Whether a file holds anything but whitespace."""
-    with open(file, "rb") as lines:
-        return any(line.strip() for line in lines)
+def repeated_ids(ids: pa.ChunkedArray | pa.Array) -> list[str]:
+    """The ids that occur more than once in an id column (one vectorised pass; empty when all are unique)."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return []
+    return [str(c["values"]) for c in pc.value_counts(ids).to_pylist() if c["counts"] > 1]
 
 
 def check_unique_ids(data: Dataset, where: str) -> None:
@@ -86,10 +28,9 @@ def check_unique_ids(data: Dataset, where: str) -> None:
     Raises:
         PearError: naming how many ids are repeated, and the first of them.
     """
-    ids = data.select_columns(["id"]).with_format("arrow")[:].column("id")
-    if pc.count_distinct(ids).as_py() == len(ids):
+    repeated = repeated_ids(data.select_columns(["id"]).with_format("arrow")[:].column("id"))
+    if not repeated:
         return
-    repeated = [str(c["values"]) for c in pc.value_counts(ids).to_pylist() if c["counts"] > 1]
     raise PearError(
         f"{where}: {len(repeated)} ids name more than one example (first: {', '.join(repeated[:SHOWN])}); behaviour "
         "log-probs are matched to examples by id, so give every example its own `id` (an example without one is "

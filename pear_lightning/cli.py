@@ -1,126 +1,81 @@
-"""The command line: LightningCLI over PearModule and PearDataModule (``python -m pear_lightning``)."""
+"""The command line, ``python -m pear_lightning <command>``: one table of commands, one-line errors."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import re
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, NoReturn
+from collections.abc import Callable
 
-from jsonargparse import Namespace
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
-from torch.optim import Optimizer
-
-from pear_lightning.strategies import WeightingStrategy
-
-from .checkpoint_io import atomic_write, use_atomic_checkpoints
+from .commands import cache_logprobs, export, inspect_logprobs
 from .data import PearDataModule
 from .errors import PearError
+from .lightning_cli import DEBUG_ENV, PearArgumentParser, PearCLI
 from .module import PearModule
-from .plugins import format_strategies, load_strategies, skipped_strategies
+from .plugins import format_strategies, load_strategies
 
-DEBUG_ENV = "PEAR_DEBUG"
 DEBUG_FLAG = "--debug"
 DESCRIPTION = (
     "Supervised fine-tuning with per-token weighting strategies (PEAR, arXiv 2602.01058). "
     f"Errors are one line; {DEBUG_FLAG} (anywhere on the line) or {DEBUG_ENV}=1 shows their traceback."
 )
-CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a path
 
 
-class PearArgumentParser(LightningArgumentParser):
-    """Reports a bad command line or config as one ``error:`` line, naming the known strategies when
-    the weighting is the problem (a traceback with PEAR_DEBUG=1)."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        """Print one clear error and exit with status 2."""
-        if not self.exit_on_error or os.environ.get(DEBUG_ENV) == "1":
-            super().error(message, ex)
-        if 'Parser key "model.weighting"' in message:
-            message = _weighting_error(message)
-        sys.stderr.write(f"error: {' '.join(line.strip() for line in message.strip().splitlines() if line.strip())}\n")
-        sys.exit(2)
-
-    def save(self, cfg: Namespace, path: str | os.PathLike, *args: Any, multifile: bool = True, **kwargs: Any) -> None:
-        """Save a config; one local file (as LightningCLI's config.yaml) is written atomically."""
-        if multifile or "://" in str(path):
-            super().save(cfg, path, *args, multifile=multifile, **kwargs)
-            return
-        if not kwargs.get("overwrite", False) and os.path.isfile(path):
-            raise ValueError(f"Refusing to overwrite existing file: {path}")
-        save, kwargs = super().save, {**kwargs, "overwrite": True}  # the temporary file is ours to overwrite
-        atomic_write(Path(path), lambda tmp: save(cfg, str(tmp), *args, multifile=False, **kwargs))
-
-
-def _weighting_error(message: str) -> str:
-    """Rewrite jsonargparse's error about ``model.weighting``: a known strategy given a bad argument, a plugin
-    strategy that failed to import, or an unknown name (listing the installed ones)."""
-    known = re.search(r"Problem with given class_path '(?:[\w.]*\.)?(\w+)':(.*)", message, re.DOTALL)
-    if known:
-        name, detail = known.group(1), " ".join(known.group(2).split())
-        return f"model.weighting: {name}: {detail} {_arguments_help(name)}"
-    detail = message.strip().splitlines()[-1].strip(" -")
-    installed = ", ".join(sorted(load_strategies()))
-    broken = [problem for name, problem in skipped_strategies().items() if re.search(rf"\b{name}\b", detail)]
-    if broken:
-        return f"model.weighting: {broken[0]}; fix or reinstall that plugin, or use an installed strategy: {installed}"
-    return (
-        f"model.weighting: not a known weighting strategy ({detail}). Installed strategies: {installed}; "
-        "give one of their names or a full class path (python -m pear_lightning fit --model.weighting.help NAME)"
+def lightning(args: list[str]) -> None:
+    """LightningCLI's own commands, over PearModule and PearDataModule."""
+    ours = ", ".join(command for command in COMMANDS if command not in LIGHTNING_COMMANDS)
+    others = f"Commands beside LightningCLI's: {ours} (python -m pear_lightning --help says what each does)."
+    PearCLI(
+        PearModule,
+        PearDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_class=PearArgumentParser,
+        parser_kwargs={
+            "prog": "python -m pear_lightning",
+            "description": DESCRIPTION,
+            **{command: {"epilog": others} for command in LIGHTNING_COMMANDS},
+        },
+        args=args,
     )
 
 
-class PearCLI(LightningCLI):
-    """LightningCLI with ``optimizer:`` / ``lr_scheduler:`` handed to the module, so the optimizer is
-    built over the trainable parameters after the model exists, and the tokenizer taken from the model."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the optimizer and scheduler groups, and link the model's path to the tokenizer's."""
-        parser.add_optimizer_args((Optimizer,))
-        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
-        parser.link_arguments("optimizer", "model.optimizer", compute_fn=_as_dict)
-        parser.link_arguments("lr_scheduler", "model.lr_scheduler", compute_fn=_as_dict)
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
-        parser.add_instantiator(_build_weighting, WeightingStrategy)
-
-    def before_instantiate_classes(self) -> None:
-        """Refuse a ``--ckpt_path`` that names nothing before anything is built or written."""
-        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
-        if ckpt and ckpt.split(":")[0] not in CKPT_KEYWORDS and "://" not in ckpt and not Path(ckpt).exists():
-            raise PearError(
-                f"--ckpt_path {ckpt}: file not found; give a checkpoint written by fit (in its log folder's "
-                "checkpoints/), or `last` to resume from the newest one"
-            )
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the trainer, with atomic checkpoint writes and ``weights_only`` loads (see ``checkpoint_io``)."""
-        trainer = super().instantiate_trainer(**kwargs)
-        use_atomic_checkpoints(trainer)
-        return trainer
+def strategies(args: list[str]) -> None:
+    """Print the installed weighting strategies."""
+    print(format_strategies(load_strategies()))
 
 
-def _build_weighting(cls: type[WeightingStrategy], *args: Any, **kwargs: Any) -> WeightingStrategy:
-    """Build a weighting strategy; arguments it refuses (``ValueError``) become one error naming them."""
-    try:
-        return cls(*args, **kwargs)
-    except ValueError as err:
-        raise PearError(f"model.weighting: {cls.__name__}: {err} {_arguments_help(cls.__name__)}") from err
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# command → (what it does, how it runs with the arguments after it; LightningCLI's commands get the whole line)
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "fit": ("train a model (LightningCLI)", lightning),
+    "validate": ("validation loss of a model or checkpoint (LightningCLI)", lightning),
+    "test": ("test loss of a model or checkpoint (LightningCLI)", lightning),
+    "predict": ("per-token log-probs of the predict data (LightningCLI)", lightning),
+    "cache_logprobs": ("score the data with the behaviour model into a checked cache", cache_logprobs.run),
+    "inspect_logprobs": ("quantiles of the behaviour log-probs, step-0 log-ratios and weights", inspect_logprobs.run),
+    "export": ("a checkpoint as a Hugging Face model folder, for the RL stage", export.run),
+    "strategies": ("the installed weighting strategies, their origin and arguments", strategies),
+}
 
 
-def _arguments_help(strategy: str) -> str:
-    """Where a strategy's arguments are listed."""
-    return f"(python -m pear_lightning fit --model.weighting.help {strategy} lists its arguments)"
-
-
-def _as_dict(namespace: Namespace | None) -> dict | None:
-    """A parsed ``class_path`` / ``init_args`` group as the plain dict ``instantiate_class`` takes."""
-    return namespace.as_dict() if namespace else None
+def overview() -> str:
+    """The top-level help: every command, one line each."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, (what, _) in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: python -m pear_lightning <command> [--config CONFIG] [options]",
+            "",
+            DESCRIPTION,
+            "",
+            "commands:",
+            *lines,
+            "",
+            "python -m pear_lightning <command> --help lists a command's options.",
+        ]
+    )
 
 
 class _DropAdverts(logging.Filter):
@@ -130,66 +85,26 @@ class _DropAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
-# Commands of our own beside LightningCLI's; each module imports this one, so they load only when asked for.
-TOOLS = {
-    "cache_logprobs": "pear_lightning.scoring:cache_logprobs",
-    "inspect_logprobs": "pear_lightning.inspection:inspect_logprobs",
-    "export": "pear_lightning.export:export",
-}
-
-
-def tool_cli(cli_class: type[PearCLI], args: list[str], command: str, description: str) -> PearCLI:
-    """Parse a tool's ``args`` (a run config plus the tool's own options) into a model, data and trainer,
-    without running anything, logging, checkpointing or saving a config."""
-    return cli_class(
-        PearModule,
-        PearDataModule,
-        run=False,
-        # Checkpointing is left as the run config has it (Lightning refuses a ModelCheckpoint callback with
-        # enable_checkpointing=false); ModelCheckpoint saves nothing outside fit.
-        args=[*args, "--trainer.logger=false"],
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        parser_class=PearArgumentParser,
-        parser_kwargs={"prog": f"python -m pear_lightning {command}", "description": description},
-    )
-
-
 def main(args: list[str] | None = None) -> None:
-    """Run the command line; a ``PearError`` is printed as one line (a traceback with ``--debug`` or PEAR_DEBUG=1).
-
-    ``strategies`` lists the installed weighting strategies, ``cache_logprobs`` scores the data with
-    a behaviour model, ``inspect_logprobs`` summarises the behaviour log-probs and the step-0
-    weights, ``export`` writes a checkpoint as a Hugging Face model folder; everything else is
-    LightningCLI's (``fit``, ``validate``, ``test``, ``predict``).
-    """
+    """Run one command (see ``COMMANDS``); a ``PearError`` is printed as one line (a traceback with ``--debug`` or
+    PEAR_DEBUG=1)."""
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-    argv = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else list(args)
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # also for the processes a multi-device run starts
-        argv = args = [a for a in argv if a != DEBUG_FLAG]
+        argv = [a for a in argv if a != DEBUG_FLAG]
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print(overview())
+        return
     try:
-        strategies = load_strategies()
-        if argv[:1] == ["strategies"]:
-            print(format_strategies(strategies))
-            return
-        if argv[:1] and argv[0] in TOOLS:
-            module, function = TOOLS[argv[0]].split(":")
-            getattr(importlib.import_module(module), function)(argv[1:])
-            return
-        PearCLI(
-            PearModule,
-            PearDataModule,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            parser_class=PearArgumentParser,
-            parser_kwargs={"prog": "python -m pear_lightning", "description": DESCRIPTION},
-            args=args,
-        )
+        _, run = COMMANDS.get(argv[0], (None, lightning))
+        if run is not strategies:
+            load_strategies()  # before any parser is built, so that strategies are known by their short names
+        run(argv if run is lightning else argv[1:])
     except PearError as err:
         if os.environ.get(DEBUG_ENV) == "1":
             raise

@@ -2,66 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import datasets
 import lightning as L
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import load_cache
-from .checks import check_behavior_columns, check_unique_ids, no_examples, quiet_reader, unreadable
+from .checks import check_behavior_columns, check_unique_ids
+from .collate import collate
 from .errors import LOAD_ERRORS, PearError, load_error
 from .join import join_behavior
 from .render import example_id, tokenize_example
 from .sampling import EpochRandomSampler, ResumableLoader
+from .sources import load_examples, no_examples
 
-# Local files never reach the network: datasets would ping its S3 bucket to count each load of its json / parquet
-# readers (a hub name still downloads as usual).
-datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "val", "test", "predict")
 ID = "pear_example_id"  # the id column while it is made (see `tokenized`)
-
-
-def load_examples(path: str) -> Dataset:
-    """Load examples from a JSONL / JSON / Parquet file, a saved dataset folder, a folder of data files,
-    or (when online) a hub dataset name.
-
-    Raises:
-        PearError: if the path does not exist or cannot be read as a dataset.
-    """
-    local = Path(path)
-    if local.is_dir():
-        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
-            dataset = load_from_disk(str(local))
-            return dataset["train"] if hasattr(dataset, "keys") else dataset
-        try:
-            with quiet_reader():
-                return load_dataset(str(local), split="train")
-        except Exception as err:  # datasets wraps the reader's error; the bad line is the useful part
-            raise PearError(unreadable(local, err)) from err
-    if local.is_file():
-        builder = SUFFIX_BUILDERS.get(local.suffix)
-        if builder is None:
-            raise PearError(f"{path}: unsupported file type {local.suffix!r}; use .jsonl, .json or .parquet")
-        try:
-            with quiet_reader():
-                return load_dataset(builder, data_files=str(local), split="train")
-        except Exception as err:  # as above
-            raise PearError(unreadable(local, err)) from err
-    if local.suffix in SUFFIX_BUILDERS or path.startswith((".", "/", "~")) or os.sep + os.sep in path:
-        raise PearError(f"{path}: file not found")
-    try:
-        return load_dataset(path, split="train")
-    except Exception as err:  # the hub's errors vary by version; the path is the useful part
-        raise PearError(f"{path}: no such file or folder, and not loadable as a hub dataset ({err})") from err
 
 
 class PearDataModule(L.LightningDataModule):
@@ -127,8 +88,7 @@ class PearDataModule(L.LightningDataModule):
         self.max_drop_fraction = max_drop_fraction
         self.trust_remote_code = trust_remote_code
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.datasets: dict[str, Dataset] = {}
-        self.behavior: dict[str, Dataset] = {}  # per split: id, token_ids, logprobs; rows named by `behavior_row`
+        self.datasets: dict[str, Dataset] = {}  # tokenised; the training split with its joined `behavior_logp`
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """Load the tokenizer once; it needs a pad token (else its EOS is used for padding)."""
@@ -208,7 +168,8 @@ class PearDataModule(L.LightningDataModule):
         return data
 
     def with_behavior(self, split: str, data: Dataset) -> Dataset:
-        """Join ``split``'s behaviour log-probs, from the cache or the data's own columns, if there are any.
+        """Join ``split``'s behaviour log-probs, from the cache or the data's own columns, if there are any: the
+        examples then carry ``behavior_logp``, one value per trained response token.
 
         Raises:
             PearError: if the cache does not belong to this tokenizer and data, or examples do not join.
@@ -235,45 +196,15 @@ class PearDataModule(L.LightningDataModule):
             behavior = behavior.add_column("id", ids)
             check_unique_ids(data, path)
             where = path
-        self.behavior[split] = behavior
         return join_behavior(data, behavior, where, self.drop_misaligned, self.max_drop_fraction)
 
-    def collate(self, rows: list[dict[str, Any]], behavior: Dataset | None = None) -> dict[str, Any]:
-        """Pad a list of tokenised examples to the longest one (right padding), with the behaviour
-        log-probs of their response tokens from ``behavior`` when given."""
-        width = max(len(r["input_ids"]) for r in rows)
-        pad_id = self.load_tokenizer().pad_token_id
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.tensor(row["input_ids"])
-            attention_mask[i, :n] = True
-            loss_mask[i, :n] = torch.tensor(row["loss_mask"])
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "loss_mask": loss_mask,
-            "ids": [r["id"] for r in rows],
-            "num_tokens": int(attention_mask.sum()),
-        }
-        if behavior is not None:
-            cached = behavior[[r["behavior_row"] for r in rows]]["logprobs"]
-            kept = [lp for lps, r in zip(cached, rows) for lp in lps[: r["num_loss_tokens"]]]  # a truncated prefix
-            behavior_logp = torch.zeros((len(rows), width), dtype=torch.float32)
-            behavior_logp[loss_mask] = torch.tensor(kept, dtype=torch.float32)
-            batch["behavior_logp"] = behavior_logp
-        return batch
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             raise PearError(f"data.{split}_path is not set")
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=partial(self.collate, behavior=self.behavior.get(split)),
+            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
             num_workers=self.num_workers,
         )
 
@@ -287,7 +218,7 @@ class PearDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=EpochRandomSampler(dataset, seed=torch.initial_seed()) if self.shuffle else None,
-            collate_fn=partial(self.collate, behavior=self.behavior.get("train")),
+            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
             num_workers=self.num_workers,
             trained_batches=self._trained_batches,
         )
@@ -298,12 +229,12 @@ class PearDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order; none (validation is skipped) without ``val_path``."""
-        return self._loader("val", shuffle=False) if self.paths["val"] else []
+        return self._loader("val") if self.paths["val"] else []
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in file order."""
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """Batches to score, in file order."""
-        return self._loader("predict", shuffle=False)
+        return self._loader("predict")

@@ -10,6 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import PearError
 
+ANSWER_PATTERN = r"####\s*(-?\d+)"  # GSM8K's convention: the final answer after ####
+
 
 class AnswerAccuracy(L.Callback):
     """Log ``val/accuracy``: the fraction of validation examples whose greedy completion has the
@@ -27,7 +29,7 @@ class AnswerAccuracy(L.Callback):
     def __init__(
         self,
         answer_column: str = "answer",
-        answer_pattern: str = r"####\s*(-?\d+)",
+        answer_pattern: str = ANSWER_PATTERN,
         max_new_tokens: int = 64,
         max_examples: int = 256,
         batch_size: int = 64,

@@ -3,12 +3,15 @@
 A behaviour table has one row per example: ``id``, ``token_ids`` (the response tokens the
 log-probs score) and ``logprobs``. An example joins when its id is in the table exactly once, the
 cached ``token_ids`` equal the trainer's response tokens (a truncated example may match a longer
-cached response on its kept prefix, whose log-probs do not depend on the rest), and the log-probs
-of those tokens are finite. Rows are checked in chunks, so memory stays bounded at any scale.
+cached response on its kept prefix, whose log-probs do not depend on the rest), it has one log-prob
+per cached token, and the log-probs of its tokens are finite. The joined examples carry their
+``behavior_logp``: one value per trained response token, truncation already applied, so batches are
+collated without looking anything up. Rows are checked in chunks, so memory stays bounded at any scale.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +20,10 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
+from .checks import SHOWN, repeated_ids
 from .errors import PearError
 
 CHUNK_ROWS = 8192
-SHOWN = 3
 
 
 @dataclass
@@ -56,8 +59,11 @@ def _lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values[offsets[0] : offsets[-1]]
 
 
-def _check_chunk(data: pa.Table, behavior: pa.Table, rows: np.ndarray, found: np.ndarray, problems: JoinProblems):
-    """Check one chunk of examples against their behaviour rows (``rows`` valid where ``found``)."""
+def _join_chunk(
+    data: pa.Table, behavior: pa.Table, rows: np.ndarray, found: np.ndarray, problems: JoinProblems
+) -> tuple[np.ndarray, pa.Array]:
+    """Check one chunk of examples against their behaviour rows (``rows`` valid where ``found``); return which
+    examples join and each one's log-probs of its trained response tokens (empty for those that do not)."""
     ids = data.column("id").to_pylist()
     problems.missing += [i for i, ok in zip(ids, found) if not ok]
     mask_offsets, mask = _lists(data.column("loss_mask"))
@@ -69,27 +75,31 @@ def _check_chunk(data: pa.Table, behavior: pa.Table, rows: np.ndarray, found: np
     starts = mask_count[mask_offsets[:-1]]  # where each example's response starts in `response`
     taken = behavior.take(pa.array(np.where(found, rows, 0)))
     cached_offsets, cached = _lists(taken.column("token_ids"))
-    _, logprobs = _lists(taken.column("logprobs"))
+    logprob_offsets, logprobs = _lists(taken.column("logprobs"))
     m = np.diff(cached_offsets)
     truncated = np.asarray(data.column("truncated").to_numpy(zero_copy_only=False), dtype=bool)
-    length_ok = (m == n) | (truncated & (m >= n))
+    length_ok = ((m == n) | (truncated & (m >= n))) & (np.diff(logprob_offsets) == m)
     compared = np.where(found & length_ok, n, 0)  # tokens to compare per example
     k = np.arange(compared.sum()) - np.repeat(np.cumsum(compared) - compared, compared)
-    position = np.repeat(cached_offsets[:-1], compared) + k
-    trainer_position = np.repeat(starts, compared) + k
     owner = np.repeat(np.arange(len(ids)), compared)
-    differs = np.bincount(owner, weights=cached[position] != response[trainer_position], minlength=len(ids)) > 0
-    bad_value = np.bincount(owner, weights=~np.isfinite(logprobs[position]), minlength=len(ids)) > 0
-    mismatched = found & (~length_ok | differs)
+    cached_position = np.repeat(cached_offsets[:-1], compared) + k
+    trainer_position = np.repeat(starts, compared) + k
+    kept_logprobs = logprobs[np.repeat(logprob_offsets[:-1], compared) + k].astype(np.float32)  # as trained
+    differs = np.bincount(owner, weights=cached[cached_position] != response[trainer_position], minlength=len(ids))
+    bad_value = np.bincount(owner, weights=~np.isfinite(kept_logprobs), minlength=len(ids)) > 0
+    mismatched = found & (~length_ok | (differs > 0))
     problems.mismatched += [i for i, bad in zip(ids, mismatched) if bad]
     problems.non_finite += [i for i, bad in zip(ids, found & ~mismatched & bad_value) if bad]
-    return found & ~mismatched & ~bad_value
+    joined = found & ~mismatched & ~bad_value
+    lengths = np.where(joined, n, 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return joined, pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_logprobs[joined[owner]]))
 
 
 def join_behavior(
     data: Dataset, behavior: Dataset, where: str, drop_misaligned: bool = False, max_drop_fraction: float = 0.01
 ) -> Dataset:
-    """Return ``data`` with a ``behavior_row`` column: the index of each example's row in ``behavior``.
+    """Return ``data`` with a ``behavior_logp`` column: log π_β of each example's trained response tokens.
 
     Args:
         data: tokenised examples (``id``, ``input_ids``, ``loss_mask``, ``truncated``).
@@ -102,26 +112,24 @@ def join_behavior(
         PearError: if the behaviour table has duplicate ids, or examples do not join (and may not be dropped).
     """
     behavior_ids = behavior.with_format("arrow")[:].column("id")
-    if pc.count_distinct(behavior_ids).as_py() != len(behavior_ids):
-        counts = pc.value_counts(behavior_ids).to_pylist()
-        dupes = [str(c["values"]) for c in counts if c["counts"] > 1]
-        first = ", ".join(dupes[:SHOWN])
+    dupes = repeated_ids(behavior_ids)
+    if dupes:
         raise PearError(
-            f"{where}: the behaviour log-probs list {len(dupes)} ids more than once (first: {first}); each example "
-            "needs exactly one row: re-make them with `python -m pear_lightning cache_logprobs`"
+            f"{where}: the behaviour log-probs list {len(dupes)} ids more than once (first: "
+            f"{', '.join(dupes[:SHOWN])}); each example needs exactly one row: re-make them with "
+            "`python -m pear_lightning cache_logprobs`"
         )
     behavior_table = behavior.with_format("arrow")[:].select(["token_ids", "logprobs"])
     problems = JoinProblems()
-    rows_all, keep = [], []
+    keep, columns = [], []
     for start in range(0, len(data), CHUNK_ROWS):
         chunk = data.with_format("arrow")[start : start + CHUNK_ROWS]
         index = pc.index_in(chunk.column("id"), value_set=behavior_ids)
         found = np.asarray(index.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.asarray(index.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-        keep.append(_check_chunk(chunk, behavior_table, rows, found, problems))
-        rows_all.append(rows)
-    keep_mask = np.concatenate(keep) if keep else np.zeros(0, bool)
-    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+        joined, column = _join_chunk(chunk, behavior_table, rows, found, problems)
+        keep.append(joined)
+        columns.append(column)
     bad = problems.count()
     if bad:
         advice = (
@@ -139,5 +147,8 @@ def join_behavior(
                 f"{max_drop_fraction}: {problems.describe()}. {advice}"
             )
         rank_zero_info(f"{where}: dropped {bad} of {len(data)} examples that cannot be joined: {problems.describe()}")
-    data = data.add_column("behavior_row", rows.tolist())
-    return data.select(np.flatnonzero(keep_mask)) if bad else data
+    # The new column's fingerprint from its inputs': hashing 100M log-probs would cost more than the join.
+    fingerprint = hashlib.sha256(f"{data._fingerprint} {behavior._fingerprint} join".encode()).hexdigest()[:16]
+    column = pa.chunked_array(columns, pa.list_(pa.float32()))
+    data = data.add_column("behavior_logp", column, new_fingerprint=fingerprint)
+    return data.select(np.flatnonzero(np.concatenate(keep))) if bad else data

@@ -32,6 +32,8 @@ class RegisteredStrategy:
 
     def arguments(self) -> str:
         """The constructor's arguments with their defaults, as ``name=default, ...``."""
+        if self.cls.__init__ is object.__init__:
+            return ""
         params = list(inspect.signature(self.cls.__init__).parameters.values())[1:]
         return ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params)
 

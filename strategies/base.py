@@ -32,7 +32,8 @@ class WeightingStrategy(ABC):
     """Turns per-token log-probs into per-token losses by weighting each token's negative log-likelihood.
 
     Subclasses implement ``weights``; the trainer reduces ``token_losses`` to the scalar it
-    backpropagates, so every strategy is normalised the same way.
+    backpropagates, so every strategy is normalised the same way. A strategy with an additive term
+    (a regulariser) also overrides ``token_losses``.
     """
 
     requires_behavior_logp: ClassVar[bool] = False
@@ -42,9 +43,12 @@ class WeightingStrategy(ABC):
         """Return [B, T] float32 weights, detached, zero where ``batch.mask`` is False."""
 
     def token_losses(self, batch: TokenBatch) -> Tensor:
-        """Return [B, T] per-token losses: ``-weights * logp`` on loss tokens, zero elsewhere."""
-        weights = self.weights(batch)
-        return torch.where(batch.mask, -weights * batch.logp, torch.zeros_like(batch.logp))
+        """Return [B, T] per-token losses: ``-weights * logp`` on loss tokens, zero elsewhere.
+
+        The trainer computes ``weights`` once per micro-batch and, for a strategy that keeps this default,
+        forms these losses from that same tensor (``weighted_losses``) rather than calling this.
+        """
+        return weighted_losses(batch, self.weights(batch))
 
     def metrics(self, batch: TokenBatch, weights: Tensor) -> dict[str, Tensor]:
         """Return diagnostics of this batch's weights as scalar tensors; none by default."""
@@ -53,3 +57,8 @@ class WeightingStrategy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
+
+
+def weighted_losses(batch: TokenBatch, weights: Tensor) -> Tensor:
+    """``-weights * logp`` on loss tokens, zero elsewhere: the default per-token loss of every strategy."""
+    return torch.where(batch.mask, -weights * batch.logp, torch.zeros_like(batch.logp))

@@ -16,8 +16,12 @@ from torch import Tensor
 
 from .base import TokenBatch, WeightingStrategy
 
+Clip = tuple[float, float]
+RATIO_CLIP: Clip = (-0.08, 0.30)  # PEAR's defaults: bounds of each token's log-ratio,
+WEIGHT_CLIP: Clip = (-10.0, 5.0)  # and of the final log-weight
 
-def _check_clip(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
+
+def _check_clip(name: str, bounds: Clip) -> Clip:
     low, high = (float(b) for b in bounds)
     if not low <= 0 <= high:
         raise ValueError(f"{name} must be (low, high) with low <= 0 <= high, got {tuple(bounds)}")
@@ -47,11 +51,7 @@ class ImportanceSampling(WeightingStrategy):
 
     requires_behavior_logp: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        log_ratio_clip: tuple[float, float] = (-0.08, 0.30),
-        log_weight_clip: tuple[float, float] = (-10.0, 5.0),
-    ) -> None:
+    def __init__(self, log_ratio_clip: Clip = RATIO_CLIP, log_weight_clip: Clip = WEIGHT_CLIP) -> None:
         self.log_ratio_clip = _check_clip("log_ratio_clip", log_ratio_clip)
         self.log_weight_clip = _check_clip("log_weight_clip", log_weight_clip)
 
@@ -91,13 +91,16 @@ class ImportanceSampling(WeightingStrategy):
         return rank, count, running, total
 
     def metrics(self, batch: TokenBatch, weights: Tensor) -> dict[str, Tensor]:
-        """Weight mean/min/max, ESS/N, fractions at the clip bounds, and the mean log-ratio (KL drift)."""
+        """Weight mean/min/max, ESS/N, fractions of tokens at the clip bounds (log-ratio; final log-weight, at either
+        bound and at each), and the mean log-ratio (KL drift). Read from ``weights``; δ is the one thing recomputed."""
         mask = batch.mask
         n = mask.sum().clamp(min=1)
         w = weights[mask].double()
         delta = self.log_ratios(batch)[mask]
-        log_w = self.log_weights(batch)[mask]
         (r_low, r_high), (w_low, w_high) = self.log_ratio_clip, self.log_weight_clip
+        # A clipped log-weight becomes exactly exp(bound) rounded to float32, as in `weights`.
+        at_low = w <= torch.tensor(math.exp(w_low), dtype=torch.float64).float().double()
+        at_high = w >= torch.tensor(math.exp(w_high), dtype=torch.float64).float().double()
         empty = w.numel() == 0
         return {
             "weight_mean": w.sum() / n,
@@ -105,7 +108,9 @@ class ImportanceSampling(WeightingStrategy):
             "weight_max": w.max() if not empty else w.new_zeros(()),
             "ess": w.sum() ** 2 / (n * (w**2).sum()).clamp(min=1e-30),
             "log_ratio_clipped": ((delta <= r_low) | (delta >= r_high)).sum() / n,
-            "log_weight_clipped": ((log_w <= w_low) | (log_w >= w_high)).sum() / n,
+            "log_weight_clipped": (at_low | at_high).sum() / n,
+            "log_weight_at_lower_clip": at_low.sum() / n,
+            "log_weight_at_upper_clip": at_high.sum() / n,
             "log_ratio_mean": delta.sum() / n,
         }
 
@@ -138,8 +143,8 @@ class BlockIS(ImportanceSampling):
         self,
         block_size: int = 4,
         gamma: float = 0.999,
-        log_ratio_clip: tuple[float, float] = (-0.08, 0.30),
-        log_weight_clip: tuple[float, float] = (-10.0, 5.0),
+        log_ratio_clip: Clip = RATIO_CLIP,
+        log_weight_clip: Clip = WEIGHT_CLIP,
     ) -> None:
         super().__init__(log_ratio_clip, log_weight_clip)
         if not (isinstance(block_size, int) and block_size >= 1):
@@ -167,14 +172,11 @@ class TokenIS(BlockIS):
 
     Args:
         gamma: discount per token, in (0, 1].
-        log_ratio_clip: (low, high) bounds of each token's log-ratio, in log space.
-        log_weight_clip: (low, high) bounds of the final log-weight, in log space.
+        log_ratio_clip: (low, high) bounds of each token's log-ratio δ_j, in log space.
+        log_weight_clip: (low, high) bounds of the discounted suffix sum, in log space.
     """
 
     def __init__(
-        self,
-        gamma: float = 0.999,
-        log_ratio_clip: tuple[float, float] = (-0.08, 0.30),
-        log_weight_clip: tuple[float, float] = (-10.0, 5.0),
+        self, gamma: float = 0.999, log_ratio_clip: Clip = RATIO_CLIP, log_weight_clip: Clip = WEIGHT_CLIP
     ) -> None:
         super().__init__(1, gamma, log_ratio_clip, log_weight_clip)

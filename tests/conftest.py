@@ -10,8 +10,10 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pear-test-hf-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -64,3 +66,62 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 def conversation(question: str, answer: str) -> list[dict[str, str]]:
     """A one-turn chat."""
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def demo_rows(count: int | None = None, split: str = "train") -> list[dict]:
+    """The first ``count`` examples of the demo's ``split``, with their behaviour ``token_ids`` and ``logprobs``."""
+    with open(DEMO / "data" / f"{split}.jsonl") as lines:
+        return [json.loads(line) for line in lines][:count]
+
+
+def adamw(lr: float, **init_args) -> dict:
+    """An ``optimizer`` setting of PearModule: AdamW with ``lr`` and ``init_args``."""
+    return {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, **init_args}}
+
+
+def fit_quietly(module, data, ckpt_path=None, **trainer_args) -> L.Trainer:
+    """``Trainer.fit`` on the CPU with only what a test asks for: no logger, progress bar, model summary or
+    validation unless ``trainer_args`` say otherwise; returns the trainer."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+    }
+    trainer = L.Trainer(**{**defaults, **trainer_args})
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A temporary folder for a command's outputs, run from the repository root (the demo config's paths are
+    relative to it), with pytest's own arguments out of the CLI's way and no debug mode."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    monkeypatch.delenv("PEAR_DEBUG", raising=False)
+    return tmp_path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the command line in this process; return its exit status, stdout and stderr."""
+    from pear_lightning.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_refused(args: list[str], capsys, run_dir: Path, expected: str) -> None:
+    """The command stops with exit status 2, ``error: <expected>`` as its one error line, no traceback, and
+    nothing trained under ``run_dir``."""
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {expected}"]
+    assert "Traceback" not in err
+    assert not list(run_dir.glob("**/*.ckpt")) and not list(run_dir.glob("**/metrics.csv"))

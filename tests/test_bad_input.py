@@ -8,31 +8,22 @@ row without prompt/completion, an IS strategy on data without log-probs (test_cl
 import json
 import re
 import shutil
-import sys
 from importlib.metadata import EntryPoint
 
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, REPO, write_jsonl
+from conftest import DEMO, assert_refused, demo_rows, run_cli, write_jsonl
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pear_lightning import PearDataModule, PearModule, plugins
 from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
-from pear_lightning.cli import DEBUG_ENV, main
+from pear_lightning.cli import main
 from pear_lightning.errors import PearError
+from pear_lightning.lightning_cli import DEBUG_ENV
 
 GOOD = [{"id": f"g{i}", "prompt": f"Compute {i}+1.", "completion": f"#### {i + 1}"} for i in range(4)]
-
-
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    """Run from the repository root, with pytest's own arguments out of the CLI's way."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
-    monkeypatch.delenv(DEBUG_ENV, raising=False)
-    return tmp_path
 
 
 def fit_args(run_dir, model, train, *extra):
@@ -63,31 +54,6 @@ def fit_args(run_dir, model, train, *extra):
         "false",
         *extra,
     ]
-
-
-def run_cli(args, capsys):
-    """Run the CLI in this process; return (exit status, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err
-
-
-def assert_refused(args, capsys, run_dir, expected):
-    """The run stops with exit status 2, ``expected`` as its one error line, no traceback and nothing trained."""
-    code, err = run_cli(args, capsys)
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {expected}"]
-    assert "Traceback" not in err
-    assert not list(run_dir.glob("**/*.ckpt")) and not list(run_dir.glob("**/metrics.csv"))
-
-
-def demo_rows(count=4):
-    """Demo examples with the behaviour log-probs of the demo tokenizer (which the tiny model shares)."""
-    return [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")][:count]
 
 
 @pytest.mark.parametrize(
@@ -129,7 +95,7 @@ def test_a_malformed_jsonl_line_is_named_by_its_line_number(run_dir, tiny_model_
     ids=["prompt-is-a-number", "messages-is-a-string", "logprobs-is-a-number", "token-ids-are-fractions"],
 )
 def test_a_column_of_the_wrong_type_is_named_with_its_row(run_dir, tiny_model_dir, capsys, change, weighting, problem):
-    rows = demo_rows() if weighting == "TokenIS" else [dict(r) for r in GOOD]
+    rows = demo_rows(4, "val") if weighting == "TokenIS" else [dict(r) for r in GOOD]
     rows[1].update(change)
     path = write_jsonl(run_dir / "train.jsonl", rows)
     args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", weighting)
@@ -137,7 +103,7 @@ def test_a_column_of_the_wrong_type_is_named_with_its_row(run_dir, tiny_model_di
 
 
 def test_numeric_and_mixed_ids_are_read_as_strings(run_dir):
-    rows = [dict(r, id=i) for i, r in enumerate(demo_rows())]
+    rows = [dict(r, id=i) for i, r in enumerate(demo_rows(4, "val"))]
     rows[2]["id"] = "two"  # a JSON reader makes a column of mixed types JSON-typed; it must still join
     data = PearDataModule(
         train_path=str(write_jsonl(run_dir / "train.jsonl", rows)),
@@ -145,7 +111,7 @@ def test_numeric_and_mixed_ids_are_read_as_strings(run_dir):
     )
     data.setup("fit")
     assert sorted(data.datasets["train"]["id"]) == ["0", "1", "3", "two"]
-    assert len(data.behavior["train"]) == 4
+    assert all(data.datasets["train"]["behavior_logp"])  # every example joined to its log-probs
 
 
 @pytest.mark.parametrize("kind", ["empty-file", "blank-lines", "no-rows-parquet"])
@@ -167,7 +133,7 @@ DUPLICATE_IDS = (
 
 
 def test_duplicate_ids_with_behaviour_logprobs_are_refused(run_dir, tiny_model_dir, capsys):
-    rows = demo_rows()
+    rows = demo_rows(4, "val")
     rows[3]["id"] = rows[0]["id"]
     path = write_jsonl(run_dir / "train.jsonl", rows)
     args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenIS")
@@ -175,7 +141,7 @@ def test_duplicate_ids_with_behaviour_logprobs_are_refused(run_dir, tiny_model_d
 
 
 def test_duplicate_ids_are_refused_before_a_cache_is_written(run_dir, tiny_model_dir, capsys):
-    rows = [{k: v for k, v in r.items() if k not in ("token_ids", "logprobs")} for r in demo_rows()]
+    rows = [{k: v for k, v in r.items() if k not in ("token_ids", "logprobs")} for r in demo_rows(4, "val")]
     rows[3]["id"] = rows[0]["id"]
     path = write_jsonl(run_dir / "train.jsonl", rows)
     output = run_dir / "cache"
@@ -185,7 +151,7 @@ def test_duplicate_ids_are_refused_before_a_cache_is_written(run_dir, tiny_model
 
 
 def test_a_cache_that_lists_an_id_twice_is_refused(run_dir, tiny_model_dir, tokenizer, capsys):
-    rows = demo_rows()
+    rows = demo_rows(4, "val")
     path = write_jsonl(run_dir / "train.jsonl", [{k: v for k, v in r.items() if k != "logprobs"} for r in rows])
     cache = run_dir / "cache"
     cache.mkdir()
@@ -242,7 +208,7 @@ def test_a_cache_that_lists_an_id_twice_is_refused(run_dir, tiny_model_dir, toke
     ],
 )
 def test_a_strategy_argument_out_of_range_is_one_error(run_dir, tiny_model_dir, capsys, weighting, problem):
-    path = write_jsonl(run_dir / "train.jsonl", demo_rows())
+    path = write_jsonl(run_dir / "train.jsonl", demo_rows(4, "val"))
     args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", *weighting)
     help_hint = f"(python -m pear_lightning fit --model.weighting.help {weighting[0]} lists its arguments)"
     assert_refused(args, capsys, run_dir, f"model.weighting: {problem} {help_hint}")
@@ -277,7 +243,7 @@ def broken_plugin(run_dir, monkeypatch):
 
 def test_a_plugin_that_raises_on_import_is_a_warning_until_it_is_used(broken_plugin, capsys):
     with pytest.warns(UserWarning, match=f"^{re.escape(broken_plugin)}; skipped"):
-        code, _ = run_cli(["strategies"], capsys)
+        code, _, _ = run_cli(["strategies"], capsys)
     assert code == 0
 
 
@@ -333,7 +299,7 @@ def test_an_unreadable_model_folder_is_one_error(run_dir, tiny_model_dir, capsys
         shutil.copytree(tiny_model_dir, model)
         spoil_model(model, how)
     path = write_jsonl(run_dir / "train.jsonl", GOOD)
-    code, err = run_cli(fit_args(run_dir, model, path), capsys)
+    code, _, err = run_cli(fit_args(run_dir, model, path), capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("error: " + expected.format(model=model))  # the rest is the library's own words
@@ -420,7 +386,33 @@ def test_a_checkpoint_path_that_names_nothing_is_refused_before_anything_is_writ
 
 def test_debug_shows_the_traceback_instead_of_one_line(run_dir, tiny_model_dir, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "0")  # restored after the test: --debug sets it for the rest of the process
-    path = write_jsonl(run_dir / "train.jsonl", demo_rows())
+    path = write_jsonl(run_dir / "train.jsonl", demo_rows(4, "val"))
     args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenIS", "--model.weighting.gamma", "0")
     with pytest.raises(PearError, match=r"^model.weighting: TokenIS: gamma must be in \(0, 1\], got 0.0 "):
         main(["--debug", *args])
+
+
+def test_an_unknown_weighting_is_one_error_naming_the_installed_ones(run_dir, tiny_model_dir, capsys):
+    path = write_jsonl(run_dir / "train.jsonl", GOOD)
+    assert_refused(
+        fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenISS"),
+        capsys,
+        run_dir,
+        "model.weighting: not a known weighting strategy (Expected a dot import path string: TokenISS). "
+        "Installed strategies: BlockIS, DFT, SequenceIS, TokenIS, TruncatedIS, UniformSFT; give one of their names or a "
+        "full class path (python -m pear_lightning fit --model.weighting.help NAME)",
+    )
+
+
+def test_a_data_path_that_does_not_exist_is_one_error(run_dir, tiny_model_dir, capsys):
+    assert_refused(
+        fit_args(run_dir, tiny_model_dir, "nowhere/train.jsonl"), capsys, run_dir, "nowhere/train.jsonl: file not found"
+    )
+
+
+def test_a_row_without_messages_or_prompt_is_named_by_file_and_row(run_dir, tiny_model_dir, capsys):
+    bad = write_jsonl(
+        run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
+    )
+    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['id', 'text']"
+    assert_refused(fit_args(run_dir, tiny_model_dir, bad), capsys, run_dir, expected)

@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BEHAVIOR, DEMO, REPO, STUDENT, write_jsonl
+from conftest import BEHAVIOR, DEMO, REPO, STUDENT, assert_refused, run_cli, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cache import PROGRESS, write_shard
@@ -48,17 +48,6 @@ def cache_args(workdir, output, *extra):
         "[train,val]",
         *extra,
     ]
-
-
-def run(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
-    monkeypatch.chdir(REPO)  # the demo config names the demo model by a path relative to the repository
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +100,7 @@ def test_behaviour_model_as_student_has_zero_log_ratio_at_step_zero(workdir, cac
         assert delta.abs().max() < 1e-5
 
 
-def test_an_interrupted_cache_resumes_to_the_same_result(workdir, cache, capsys, monkeypatch):
+def test_an_interrupted_cache_resumes_to_the_same_result(workdir, cache, capsys, run_dir):
     resumed = workdir / "resumed"
     shutil.copytree(cache, resumed)
     manifest = json.loads((resumed / "manifest.json").read_text())
@@ -121,16 +110,16 @@ def test_an_interrupted_cache_resumes_to_the_same_result(workdir, cache, capsys,
     cut = resumed / "train-00002.parquet"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a shard cut in half
     kept = (resumed / "train-00000.parquet").stat().st_mtime_ns
-    code, err = run(cache_args(workdir, resumed), capsys, monkeypatch)
+    code, _, err = run_cli(cache_args(workdir, resumed), capsys)
     assert code == 0, err
     assert read_cache(resumed) == read_cache(cache)
     assert json.loads((resumed / "manifest.json").read_text()) == manifest
     assert (resumed / "train-00000.parquet").stat().st_mtime_ns == kept  # complete shards are not scored again
 
 
-def test_a_finished_cache_is_never_overwritten_by_other_inputs(workdir, cache, capsys, monkeypatch):
+def test_a_finished_cache_is_never_overwritten_by_other_inputs(workdir, cache, capsys, run_dir):
     before = read_cache(cache)
-    code, err = run(cache_args(workdir, cache, "--data.max_length", "40"), capsys, monkeypatch)
+    code, _, err = run_cli(cache_args(workdir, cache, "--data.max_length", "40"), capsys)
     assert code == 2
     assert err.strip().splitlines()[-1] == (
         f"error: --output {cache}: holds a finished cache made from other inputs (model, tokenizer, data or "
@@ -197,13 +186,6 @@ ADVICE = (
 )
 
 
-def assert_stops(args, capsys, monkeypatch, tmp_path, expected):
-    code, err = run(args, capsys, monkeypatch)
-    assert code == 2
-    assert err.strip().splitlines()[-1] == "error: " + expected
-    assert not list(tmp_path.glob("**/checkpoints/*.ckpt")) and not list(tmp_path.glob("**/metrics.csv"))
-
-
 def drop_row(row):
     return None
 
@@ -236,7 +218,7 @@ MISMATCH = "whose cached token_ids differ from the trainer's response tokens (id
     ],
     ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
 )
-def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, monkeypatch, shard, index, change, clause):
+def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, run_dir, shard, index, change, clause):
     spoilt_id = []
 
     def spoil_one(rows):
@@ -245,66 +227,63 @@ def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, monkeypat
         return rows[:index] + ([changed] if changed is not None else []) + rows[index + 1 :]
 
     spoilt, _ = spoil(cache, tmp_path, shard, spoil_one)
-    assert_stops(
+    assert_refused(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
-        monkeypatch,
         tmp_path,
         f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
         f"log-probs: 1 {clause} (first: {spoilt_id[0]}). {ADVICE}",
     )
 
 
-def test_a_shard_cut_in_half(workdir, cache, tmp_path, capsys, monkeypatch):
+def test_a_shard_cut_in_half(workdir, cache, tmp_path, capsys, run_dir):
     spoilt = tmp_path / "spoilt"
     shutil.copytree(cache, spoilt)
     shard = spoilt / "train-00001.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert_stops(
+    assert_refused(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
-        monkeypatch,
         tmp_path,
         f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; "
         + REDO.format(spoilt),
     )
 
 
-def test_a_manifest_from_another_tokenizer(workdir, cache, tmp_path, capsys, monkeypatch):
+def test_a_manifest_from_another_tokenizer(workdir, cache, tmp_path, capsys, run_dir):
     spoilt = tmp_path / "spoilt"
     shutil.copytree(cache, spoilt)
     manifest = json.loads((spoilt / "manifest.json").read_text())
     ours, manifest["tokenizer_fingerprint"] = manifest["tokenizer_fingerprint"], "0123456789abcdef"
     (spoilt / "manifest.json").write_text(json.dumps(manifest))
-    assert_stops(
+    assert_refused(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
-        monkeypatch,
         tmp_path,
         f"data.logprobs_path={spoilt}: made with another tokenizer or chat template (fingerprint "
         f"0123456789abcdef, this run's is {ours}); its token ids would not line up: " + REDO.format(spoilt),
     )
 
 
-def test_a_cache_made_with_another_chat_template_is_refused(workdir, cache, tmp_path, capsys, monkeypatch):
+def test_a_cache_made_with_another_chat_template_is_refused(workdir, cache, tmp_path, capsys, run_dir):
     other = tmp_path / "other-template"
     shutil.copytree(STUDENT, other)
     template = (other / "chat_template.jinja").read_text()
     (other / "chat_template.jinja").write_text("You are a calculator.\n" + template)
     args = fit_args(workdir, cache, tmp_path)
     args[args.index(str(STUDENT))] = str(other)
-    code, err = run(args, capsys, monkeypatch)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and "made with another tokenizer or chat template" in err.strip().splitlines()[-1]
 
 
-def test_a_data_file_changed_after_caching(workdir, cache, tmp_path, capsys, monkeypatch):
+def test_a_data_file_changed_after_caching(workdir, cache, tmp_path, capsys, run_dir):
     changed = tmp_path / "train.jsonl"
     shutil.copy(workdir / "train.jsonl", changed)
     with open(changed, "a") as f:
         f.write(json.dumps({"id": "new", "prompt": "Compute 1+1.", "completion": "#### 2"}) + "\n")
     args = fit_args(workdir, cache, tmp_path)
     args[args.index(str(workdir / "train.jsonl"))] = str(changed)
-    code, err = run(args, capsys, monkeypatch)
+    code, _, err = run_cli(args, capsys)
     assert code == 2
     message = err.strip().splitlines()[-1]
     assert message.startswith(
@@ -314,7 +293,7 @@ def test_a_data_file_changed_after_caching(workdir, cache, tmp_path, capsys, mon
     assert message.endswith(REDO.format(cache))
 
 
-def test_inspect_logprobs_summarises_the_cache_and_plots_it(workdir, cache, tmp_path, capsys, monkeypatch):
+def test_inspect_logprobs_summarises_the_cache_and_plots_it(workdir, cache, tmp_path, capsys, run_dir):
     png = tmp_path / "weights.png"
     args = [
         "inspect_logprobs",
@@ -331,8 +310,6 @@ def test_inspect_logprobs_summarises_the_cache_and_plots_it(workdir, cache, tmp_
         "--plot",
         str(png),
     ]
-    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
-    monkeypatch.chdir(REPO)
     main(args)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"120 examples of {workdir / 'train.jsonl'}, π_θ = {BEHAVIOR}"
@@ -342,9 +319,9 @@ def test_inspect_logprobs_summarises_the_cache_and_plots_it(workdir, cache, tmp_
     assert png.stat().st_size > 10_000
 
 
-def test_inspect_logprobs_needs_logprobs(tmp_path, capsys, monkeypatch):
+def test_inspect_logprobs_needs_logprobs(tmp_path, capsys, run_dir):
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "prompt": "Compute 1+1.", "completion": "#### 2"}])
-    code, err = run(
+    code, _, err = run_cli(
         [
             "inspect_logprobs",
             "--config",
@@ -355,7 +332,6 @@ def test_inspect_logprobs_needs_logprobs(tmp_path, capsys, monkeypatch):
             str(plain),
         ],
         capsys,
-        monkeypatch,
     )
     assert code == 2
     assert err.strip().splitlines()[-1] == (

@@ -1,27 +1,23 @@
 """The command line end to end: configs round-trip, runs leave their config beside their logs, errors are one line."""
 
 import csv
-import json
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import DEMO, REPO, write_jsonl
+from conftest import demo_rows, run_cli, write_jsonl
 
 from pear_lightning import PearModule
 from pear_lightning.cli import main
 
 
 @pytest.fixture
-def run_dir(tmp_path, monkeypatch, tiny_model_dir):
-    """Run from the repository root, with small demo data and logs in a temporary folder."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", ["pear_lightning"])  # pytest's own arguments are not the CLI's
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:48]
-    write_jsonl(tmp_path / "train.jsonl", rows[:40])
-    write_jsonl(tmp_path / "val.jsonl", rows[40:])
-    return tmp_path
+def run_dir(run_dir):
+    """The shared ``run_dir``, holding 40 training and 8 validation examples of the demo."""
+    rows = demo_rows(48)
+    write_jsonl(run_dir / "train.jsonl", rows[:40])
+    write_jsonl(run_dir / "val.jsonl", rows[40:])
+    return run_dir
 
 
 def cli_args(run_dir, tiny_model_dir, *extra):
@@ -42,17 +38,6 @@ def cli_args(run_dir, tiny_model_dir, *extra):
         str(run_dir / "runs"),
         *extra,
     ]
-
-
-def run_cli(args, capsys):
-    """Run the CLI in this process; return (exit status, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_print_config_round_trips(run_dir, tiny_model_dir, capsys):
@@ -104,52 +89,6 @@ def test_evaluation_subcommands_run(run_dir, tiny_model_dir, capsys, subcommand)
     extra = {"validate": [], "test": ["--data.test_path", val], "predict": ["--data.predict_path", val]}[subcommand]
     code, _, err = run_cli([subcommand, *cli_args(run_dir, tiny_model_dir, *extra)], capsys)
     assert code == 0, err
-
-
-def test_unknown_weighting_is_one_clear_error(run_dir, tiny_model_dir, capsys):
-    code, _, err = run_cli(["fit", *cli_args(run_dir, tiny_model_dir, "--model.weighting", "TokenISS")], capsys)
-    assert code == 2
-    assert err.strip().splitlines() == [
-        "error: model.weighting: not a known weighting strategy (Expected a dot import path string: TokenISS). "
-        "Installed strategies: BlockIS, DFT, SequenceIS, TokenIS, TruncatedIS, UniformSFT; give one of their names or a full class path "
-        "(python -m pear_lightning fit --model.weighting.help NAME)"
-    ]
-
-
-def test_missing_data_file_is_one_clear_error(run_dir, tiny_model_dir, capsys):
-    code, _, err = run_cli(
-        ["fit", *cli_args(run_dir, tiny_model_dir, "--data.train_path", "nowhere/train.jsonl")], capsys
-    )
-    assert code == 2
-    assert err.strip().splitlines()[-1] == "error: nowhere/train.jsonl: file not found"
-
-
-def test_bad_row_is_one_clear_error_naming_file_and_row(run_dir, tiny_model_dir, capsys):
-    bad = write_jsonl(
-        run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
-    )
-    code, _, err = run_cli(["fit", *cli_args(run_dir, tiny_model_dir, "--data.train_path", str(bad))], capsys)
-    assert code == 2
-    assert err.strip().splitlines()[-1] == (
-        f"error: {bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['id', 'text']"
-    )
-    assert not (run_dir / "runs" / "demo" / "version_0" / "checkpoints").exists()
-
-
-def test_unreadable_model_folder_is_one_clear_error(run_dir, tiny_model_dir, capsys, tmp_path):
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (broken / name).write_bytes((tiny_model_dir / name).read_bytes())
-    code, _, err = run_cli(
-        ["fit", *cli_args(run_dir, tiny_model_dir, "--model.model_name_or_path", str(broken))], capsys
-    )
-    assert code == 2
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .startswith(f"error: model.model_name_or_path='{broken}': cannot load a causal LM: ")
-    )
 
 
 def test_only_trainable_parameters_are_optimised(tiny_model_dir):

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import DEMO, STUDENT, conversation, write_jsonl
+from conftest import DEMO, STUDENT, conversation, demo_rows, write_jsonl
 from datasets import Dataset
 
 from pear_lightning import PearDataModule
@@ -64,12 +64,6 @@ def test_every_example_empty_after_truncation_is_an_error(tmp_path):
     )
 
 
-def test_missing_file_is_named():
-    with pytest.raises(PearError) as err:
-        tokenized("no/such/train.jsonl")
-    assert str(err.value) == "no/such/train.jsonl: file not found"
-
-
 def test_unsupported_file_type_is_named(tmp_path):
     (tmp_path / "train.csv").write_text("a,b\n")
     with pytest.raises(PearError, match=r"train.csv: unsupported file type '.csv'; use .jsonl, .json or .parquet$"):
@@ -94,10 +88,6 @@ def test_the_demo_data_joins_its_behaviour_logprobs_token_exactly():
         assert (batch["behavior_logp"][i][~mask] == 0).all()
 
 
-def demo_rows(count=5):
-    return [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")][:count]
-
-
 ADVICE = (
     "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, "
     "chat template and max_length), or set data.drop_misaligned true to train without them"
@@ -105,7 +95,7 @@ ADVICE = (
 
 
 def test_changed_token_ids_stop_before_training(tmp_path):
-    rows = demo_rows()
+    rows = demo_rows(5, "val")
     rows[1]["token_ids"][3] += 1
     rows[3]["token_ids"] = rows[3]["token_ids"][:-1]  # a cached row cut short
     rows[3]["logprobs"] = rows[3]["logprobs"][:-1]
@@ -119,7 +109,7 @@ def test_changed_token_ids_stop_before_training(tmp_path):
 
 
 def test_nan_logprob_stops_before_training(tmp_path):
-    rows = demo_rows()
+    rows = demo_rows(5, "val")
     rows[0]["logprobs"][2] = float("nan")
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN, as some generators' dumps do
@@ -132,7 +122,7 @@ def test_nan_logprob_stops_before_training(tmp_path):
 
 
 def test_misaligned_examples_can_be_dropped_and_counted_up_to_a_fraction(tmp_path, caplog):
-    rows = demo_rows(5)
+    rows = demo_rows(5, "val")
     rows[2]["token_ids"][0] += 1
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with caplog.at_level("INFO"):
@@ -143,24 +133,15 @@ def test_misaligned_examples_can_be_dropped_and_counted_up_to_a_fraction(tmp_pat
         joined(path, drop_misaligned=True, max_drop_fraction=0.1)
 
 
-def test_duplicate_ids_with_logprobs_are_refused(tmp_path):
-    rows = demo_rows(3)
-    rows[2]["id"] = rows[0]["id"]
-    path = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(PearError) as err:
-        joined(path)
-    assert str(err.value).startswith(f"{path}: 1 ids name more than one example (first: {rows[0]['id']}); ")
-
-
 def test_logprobs_without_token_ids_are_refused(tmp_path):
-    rows = [{k: v for k, v in r.items() if k != "token_ids"} for r in demo_rows()]
+    rows = [{k: v for k, v in r.items() if k != "token_ids"} for r in demo_rows(5, "val")]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError, match=r"has `logprobs` but no `token_ids`; the behaviour log-probs must come with"):
         joined(path)
 
 
 def test_truncation_keeps_the_logprobs_of_the_kept_prefix(tmp_path):
-    rows = demo_rows(1)
+    rows = demo_rows(1, "val")
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     _, full = joined(path)
     _, cut = joined(path, max_length=full["input_ids"].shape[1] - 4)

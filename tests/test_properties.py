@@ -4,12 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import STUDENT
-from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_lightning import PearDataModule
+from pear_lightning.collate import collate
 from pear_lightning.strategies import (
     DFT,
     BlockIS,
@@ -142,31 +140,21 @@ def test_weights_and_losses_are_finite_bounded_masked_and_detached(name, data):
         assert all(torch.isfinite(value) for value in metrics.values()), metrics
 
 
-@pytest.fixture(scope="module")
-def datamodule() -> PearDataModule:
-    data = PearDataModule(tokenizer_name_or_path=str(STUDENT))
-    data.load_tokenizer()
-    return data
-
-
 @st.composite
 def tokenised_rows(draw: st.DrawFn) -> list[dict]:
-    """1-5 tokenised examples as the DataModule stores them, each with cached behaviour log-probs that may run
-    past its (truncated) loss tokens."""
+    """1-5 tokenised examples as the join leaves them: each with one behaviour log-prob per loss token."""
     rows = []
     for i in range(draw(st.integers(1, 5))):
         n = draw(st.integers(1, 20))
         loss_mask = [False] + draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))
         num_loss = sum(loss_mask)
-        extra = draw(st.integers(0, 3))
         rows.append(
             {
                 "id": f"ex-{i}",
                 "input_ids": draw(st.lists(st.integers(0, 255), min_size=n, max_size=n)),
                 "loss_mask": loss_mask,
                 "num_loss_tokens": num_loss,
-                "behavior_row": i,
-                "logprobs": draw(st.lists(LOGPROBS, min_size=num_loss + extra, max_size=num_loss + extra)),
+                "behavior_logp": draw(st.lists(LOGPROBS, min_size=num_loss, max_size=num_loss)),
             }
         )
     return rows
@@ -174,12 +162,11 @@ def tokenised_rows(draw: st.DrawFn) -> list[dict]:
 
 @PROFILE
 @given(rows=tokenised_rows())
-def test_collated_batches_are_right_padded_and_aligned(datamodule, rows):
-    behavior = Dataset.from_dict({"logprobs": [r["logprobs"] for r in rows]})
-    batch = datamodule.collate(rows, behavior=behavior)
+def test_collated_batches_are_right_padded_and_aligned(rows):
+    pad = 7
+    batch = collate(rows, pad)
     lengths = [len(r["input_ids"]) for r in rows]
     shape = (len(rows), max(lengths))
-    pad = datamodule.tokenizer.pad_token_id
     assert batch["ids"] == [r["id"] for r in rows]
     assert batch["num_tokens"] == sum(lengths)
     for key in ("input_ids", "attention_mask", "loss_mask", "behavior_logp"):
@@ -192,6 +179,6 @@ def test_collated_batches_are_right_padded_and_aligned(datamodule, rows):
         assert batch["input_ids"][i].tolist() == row["input_ids"] + [pad] * (shape[1] - n)
         assert batch["loss_mask"][i].tolist() == row["loss_mask"] + [False] * (shape[1] - n)
         # The behaviour log-probs of the kept loss tokens, in order, on those tokens; zero everywhere else.
-        expected = torch.tensor(row["logprobs"][: row["num_loss_tokens"]], dtype=torch.float32)
+        expected = torch.tensor(row["behavior_logp"], dtype=torch.float32)
         assert torch.equal(batch["behavior_logp"][i][batch["loss_mask"][i]], expected)
         assert (batch["behavior_logp"][i][~batch["loss_mask"][i]] == 0).all()

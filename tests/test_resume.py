@@ -1,11 +1,9 @@
 """A run stopped mid-epoch and resumed from its checkpoint ends exactly where an uninterrupted run ends."""
 
-import json
-
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, write_jsonl
+from conftest import adamw, demo_rows, fit_quietly, write_jsonl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pear_lightning import PearDataModule, PearModule
@@ -14,8 +12,7 @@ from pear_lightning.strategies import TokenIS
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    rows = [json.loads(line) for line in open(DEMO / "data" / "train.jsonl")][:16]
-    return write_jsonl(tmp_path_factory.mktemp("resume") / "train.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("resume") / "train.jsonl", demo_rows(16))
 
 
 def fit(model_dir, data_path, root, max_steps, ckpt_path=None):
@@ -24,7 +21,7 @@ def fit(model_dir, data_path, root, max_steps, ckpt_path=None):
     module = PearModule(
         str(model_dir),
         weighting=TokenIS(gamma=0.9),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+        optimizer=adamw(1e-3),
         lr_scheduler={
             "class_path": "torch.optim.lr_scheduler.LinearLR",
             "init_args": {"start_factor": 0.1, "total_iters": 6},
@@ -34,20 +31,10 @@ def fit(model_dir, data_path, root, max_steps, ckpt_path=None):
     seen = []
     record = L.Callback()
     record.on_train_batch_start = lambda trainer, module, batch, idx: seen.append(batch["ids"])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        default_root_dir=str(root),
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[
-            ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, save_on_train_epoch_end=False),
-            record,
-        ],
+    every_3_steps = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, save_on_train_epoch_end=False)
+    fit_quietly(
+        module, data, ckpt_path, max_steps=max_steps, default_root_dir=str(root), callbacks=[every_3_steps, record]
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return {k: v.clone() for k, v in module.model.state_dict().items()}, seen
 
 

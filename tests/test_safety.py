@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning import PearDataModule
 from pear_lightning.checkpoint_io import AtomicCheckpointIO
-from pear_lightning.cli import PearCLI, main, tool_cli
-from pear_lightning.scoring import describe_inputs
+from pear_lightning.cli import main
+from pear_lightning.commands.cache_logprobs import describe_inputs
+from pear_lightning.lightning_cli import PearCLI, tool_cli
 
 
 class Payload:

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import DEMO, REPO, write_jsonl
+from conftest import DEMO, REPO, fit_quietly, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import TokenIS, UniformSFT
@@ -45,17 +45,7 @@ def one_step(model_dir, data_path, weighting, normaliser, batch_size, accumulate
         loss_normalizer=normaliser,
         optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
+    fit_quietly(module, data, max_steps=1, accumulate_grad_batches=accumulate, enable_checkpointing=False)
     return torch.cat([p.detach().flatten() for p in module.model.parameters()])
 
 
@@ -82,7 +72,7 @@ def one_step_naive(model_dir, data_path, weighting, normaliser):
     data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(model_dir), batch_size=2, shuffle=False)
     data.setup("fit")
     for batch in data.train_dataloader():
-        loss, _ = module.weighted_loss(batch)
+        loss = module.loss_terms(batch).mean
         (loss / 4).backward()
     with torch.no_grad():
         return torch.cat([(p - p.grad).flatten() for p in module.model.parameters()])

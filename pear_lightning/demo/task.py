@@ -12,7 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 
-ANSWER_PATTERN = r"####\s*(-?\d+)"
+from ..evaluate import ANSWER_PATTERN
+
 OPENERS = ("", "First, ", "Start with ")
 CONNECTORS = (" Then ", " Next, ", " ")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenBatch, TokenIS
+from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenIS
 
-from .cli import PearArgumentParser, PearCLI, tool_cli
-from .data import PearDataModule
-from .errors import PearError
-from .module import PearModule
+from ..data import PearDataModule
+from ..errors import PearError
+from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from ..module import PearModule
 
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 
@@ -38,12 +38,12 @@ def describe(name: str, values: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def inspect_logprobs(args: list[str]) -> None:
+def run(args: list[str]) -> None:
     """Run the ``inspect_logprobs`` command with ``args`` (the command name excluded)."""
     cli = tool_cli(InspectCLI, args, "inspect_logprobs", __doc__.splitlines()[0])
     data: PearDataModule = cli.datamodule
     data.setup("fit")
-    if "train" not in data.behavior:
+    if "behavior_logp" not in data.datasets["train"].column_names:
         raise PearError(
             f"{data.paths['train']}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
             "`python -m pear_lightning cache_logprobs`, or give the data `token_ids` and `logprobs` columns"
@@ -63,7 +63,6 @@ def inspect_logprobs(args: list[str]) -> None:
             break
         seen += len(batch["ids"])
         tokens = module.token_batch(batch)
-        tokens = TokenBatch(logp=tokens.logp, mask=tokens.mask, behavior_logp=batch["behavior_logp"])
         behavior.append(tokens.behavior_logp[tokens.mask])
         deltas.append((tokens.logp - tokens.behavior_logp)[tokens.mask])
         for name, strategy in strategies.items():

@@ -10,6 +10,7 @@ where it was, and a finished cache is never overwritten.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from . import __version__
-from .cache import (
+from .. import __version__
+from ..cache import (
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS,
@@ -32,11 +33,11 @@ from .cache import (
     write_json,
     write_shard,
 )
-from .checks import check_unique_ids
-from .cli import PearArgumentParser, PearCLI, tool_cli
-from .data import PearDataModule
-from .errors import PearError
-from .module import prediction_rows
+from ..checks import check_unique_ids
+from ..collate import collate
+from ..data import PearDataModule
+from ..errors import PearError
+from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
 
 
 class CacheCLI(PearCLI):
@@ -82,7 +83,8 @@ def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]
 def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
     """Score ``subset`` on every rank's share of it and return all rows, in ``subset``'s order, on every rank."""
     data: PearDataModule = cli.datamodule
-    loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=data.collate, num_workers=data.num_workers)
+    collate_fn = partial(collate, pad_id=data.load_tokenizer().pad_token_id)
+    loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, num_workers=data.num_workers)
     predictions = cli.trainer.predict(cli.model, dataloaders=loader, return_predictions=True) or []
     rows = [row for prediction in predictions for row in prediction_rows(prediction)]
     if cli.trainer.world_size > 1:
@@ -93,7 +95,7 @@ def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
     return [by_id[ex_id] for ex_id in subset["id"]]
 
 
-def cache_logprobs(args: list[str]) -> None:
+def run(args: list[str]) -> None:
     """Run the ``cache_logprobs`` command with ``args`` (the command name excluded)."""
     cli = tool_cli(CacheCLI, args, "cache_logprobs", __doc__.splitlines()[0])
     output, shard_size = Path(cli.config.output), cli.config.shard_size
@@ -150,3 +152,14 @@ def cache_logprobs(args: list[str]) -> None:
 def read_progress(path: Path) -> dict[str, Any]:
     """The inputs recorded by an unfinished run."""
     return json.loads(path.read_text())
+
+
+def prediction_rows(prediction: dict[str, Any]) -> list[dict[str, Any]]:
+    """One ``{"id", "token_ids", "logprobs"}`` row per example of a ``PearModule.predict_step`` output."""
+    token_ids, logprobs = prediction["token_ids"].tolist(), prediction["logprobs"].tolist()
+    ends = prediction["lengths"].cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    return [
+        {"id": ex_id, "token_ids": token_ids[start:end], "logprobs": logprobs[start:end]}
+        for ex_id, start, end in zip(prediction["ids"], starts, ends)
+    ]

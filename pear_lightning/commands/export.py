@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .checkpoint_io import atomic_write_folder
-from .cli import PearArgumentParser, PearCLI, tool_cli
-from .errors import PearError
-from .module import PearModule
+from ..atomic import atomic_write_folder
+from ..errors import PearError
+from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from ..module import PearModule
 
 
 class ExportCLI(PearCLI):
@@ -30,7 +30,7 @@ class ExportCLI(PearCLI):
         parser.add_argument("--adapter_only", type=bool, default=False, help="With LoRA, write the adapter alone.")
 
 
-def export(args: list[str]) -> None:
+def run(args: list[str]) -> None:
     """Run the ``export`` command with ``args`` (the command name excluded)."""
     cli = tool_cli(ExportCLI, args, "export", __doc__.splitlines()[0])
     output, checkpoint = Path(cli.config.output), cli.config.checkpoint

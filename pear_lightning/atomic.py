@@ -1,0 +1,96 @@
+"""Crash-safe files and folders: everything we write goes to a temporary name beside its target, is flushed to
+disk, then renamed.
+
+A process killed at any moment (or a machine that loses power) leaves either the previous file or the
+new one, never a torn mix: ``os.replace`` within one folder is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden sibling ``path`` is staged under (never matched by Lightning's ``last*.ckpt`` lookup)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` through ``write(temporary_path)``, sync it, and rename it over ``path``; then remove the
+    temporaries of ``path`` that killed processes left behind.
+
+    Args:
+        path: the file to write; its folder must exist.
+        write: writes the complete content to the path it is given.
+    """
+    temporary = temporary_name(path)
+    try:
+        write(temporary)
+        fsync(temporary)
+        os.replace(temporary, path)
+        fsync(path.parent)  # makes the rename itself durable
+    finally:
+        temporary.unlink(missing_ok=True)
+    remove_orphans(path)
+
+
+def remove_orphans(path: Path) -> None:
+    """Delete the temporaries of ``path`` whose writer is no longer running on this machine (POSIX only)."""
+    if os.name != "posix":
+        return
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = orphan.name.rpartition("-")[2]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if orphan.is_dir():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def atomic_write_folder(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write the new folder ``path`` through ``write(temporary_folder)``, sync it, and rename it into place.
+
+    Args:
+        path: the folder to create; it must not exist, its parent must.
+        write: writes the complete content into the folder it is given (which it may create).
+    """
+    temporary = temporary_name(path)
+    try:
+        write(temporary)
+        for root, _, files in os.walk(temporary):
+            for name in files:
+                fsync(Path(root) / name)
+            fsync(Path(root))
+        os.replace(temporary, path)
+        fsync(path.parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    remove_orphans(path)

@@ -1,0 +1,88 @@
+"""The loss of one micro-batch: the strategy's weights, computed once, and everything the optimizer step needs.
+
+The strategy turns log-probs into per-token losses; this unit sums them and pairs the sum with the
+micro-batch's share of the step's normaliser (its loss tokens, or the sum of its weights), the plain
+negative log-likelihood and the strategy's diagnostics, all read from the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pear_lightning.strategies import TokenBatch, WeightingStrategy
+from pear_lightning.strategies.base import weighted_losses
+
+from .errors import PearError
+
+Normalizer = Literal["tokens", "weights"]
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """One micro-batch's part of its optimizer step.
+
+    Attributes:
+        tokens: the scored micro-batch the strategy saw.
+        weights: the strategy's [B, T] weights, detached.
+        total: Σ of the token losses, with grad; the step divides the gradient by its normaliser.
+        normalizer: this micro-batch's share of the step's normaliser (loss tokens, or Σ weights), detached.
+        nll: Σ −log π_θ over the loss tokens, detached: the plain SFT loss, whatever the weighting.
+        num_tokens: the number of loss tokens, as a float tensor.
+        metrics: the strategy's diagnostics of these weights.
+    """
+
+    tokens: TokenBatch
+    weights: Tensor
+    total: Tensor
+    normalizer: Tensor
+    nll: Tensor
+    num_tokens: Tensor
+    metrics: dict[str, Tensor]
+
+    @property
+    def mean(self) -> Tensor:
+        """The loss of this micro-batch on its own: its summed token losses over its own normaliser."""
+        return self.total / self.normalizer.clamp(min=1e-8)
+
+
+def nll_sum(tokens: TokenBatch) -> Tensor:
+    """Σ −log π_θ over the loss tokens (with grad where ``tokens.logp`` has it)."""
+    return -(tokens.logp * tokens.mask).sum()
+
+
+def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Normalizer = "tokens") -> LossTerms:
+    """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and diagnostics.
+
+    Raises:
+        PearError: if the strategy needs behaviour log-probs and the batch has none.
+    """
+    if strategy.requires_behavior_logp and tokens.behavior_logp is None:
+        raise PearError(
+            f"weighting {type(strategy).__name__} needs the behaviour policy's log-probs (log π_β of "
+            "every response token) and the training data has none: add `token_ids` and `logprobs` columns "
+            "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
+        )
+    weights = strategy.weights(tokens)
+    num_tokens = tokens.mask.sum().float()
+    with torch.no_grad():
+        metrics = strategy.metrics(tokens, weights)
+    return LossTerms(
+        tokens=tokens,
+        weights=weights,
+        total=_token_losses(strategy, tokens, weights).sum(),
+        normalizer=weights.sum() if normalizer == "weights" else num_tokens,
+        nll=nll_sum(tokens).detach(),
+        num_tokens=num_tokens,
+        metrics=metrics,
+    )
+
+
+def _token_losses(strategy: WeightingStrategy, tokens: TokenBatch, weights: Tensor) -> Tensor:
+    """The strategy's per-token losses: from ``weights`` when it keeps the default ``token_losses``, else its own."""
+    if type(strategy).token_losses is WeightingStrategy.token_losses:
+        return weighted_losses(tokens, weights)
+    return strategy.token_losses(tokens)

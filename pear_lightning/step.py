@@ -1,0 +1,114 @@
+"""The books of one optimizer step: its micro-batches' sums, one all-reduce, the non-finite guard, the gradient scale.
+
+A step's loss is Σ token losses over all its micro-batches and data-parallel ranks divided by the
+step's normaliser, known only once the last micro-batch is in. Each micro-batch backpropagates its
+unnormalised sum; when the step closes, one all-reduce gives every rank the step's totals (and
+whether any rank saw a non-finite loss or gradient), and the accumulated gradient is rescaled once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PearError
+from .loss import LossTerms
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """An optimizer step's sums over its micro-batches and ranks."""
+
+    loss: float
+    normalizer: float
+    nll: float
+    num_tokens: float
+    skipped: bool
+
+    @property
+    def mean_loss(self) -> float:
+        """The step's loss: Σ token losses over its normaliser."""
+        return self.loss / max(self.normalizer, 1e-8)
+
+
+def nonfinite_gradients(parameters: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """1.0 if a gradient on this rank (its own shards) holds a NaN or an infinity, else 0.0 (no device sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor shards (FSDP2)
+    # A sum is non-finite when an element is (or when it overflows fp32, which only a diverged gradient does).
+    total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+    return (~total.isfinite()).float()
+
+
+class StepBooks:
+    """Adds up the micro-batches of the current optimizer step, then closes it: totals over all ranks, and the
+    decision to skip it when its loss or gradient is non-finite.
+
+    Args:
+        max_nonfinite_steps: steps that may be skipped in a run; one more stops it with a ``PearError``.
+    """
+
+    def __init__(self, max_nonfinite_steps: int) -> None:
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.skipped_steps = 0  # in this run, checkpointed
+        self.last_skipped = False
+        self._sums: torch.Tensor | None = None  # loss, normaliser, nll, loss tokens
+        self._batches: list[tuple[list[str], torch.Tensor]] = []  # (ids, loss finite) per micro-batch
+
+    def add(self, terms: LossTerms, ids: list[str]) -> None:
+        """Count one micro-batch in the current step."""
+        sums = torch.stack([terms.total.detach(), terms.normalizer.detach(), terms.nll, terms.num_tokens]).float()
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._batches.append((ids, sums[:2].isfinite().all()))
+
+    def close(self, reduce_sum, nonfinite_grads: torch.Tensor, where: str) -> StepTotals:
+        """Close the step: one all-reduce (``reduce_sum``) of its sums and of the non-finite gradient flag, one copy
+        to the host; warn (and count) if it must be skipped, or stop the run past ``max_nonfinite_steps``.
+
+        Args:
+            reduce_sum: sums a tensor over the data-parallel ranks (identity on one device).
+            nonfinite_grads: this rank's ``nonfinite_gradients``.
+            where: names the step in messages, e.g. ``global step 12, rank 1``.
+        """
+        local = torch.cat([self._sums, nonfinite_grads.reshape(1).to(self._sums)])
+        batches, self._sums, self._batches = self._batches, None, []
+        loss, normalizer, nll, num_tokens, nonfinite = reduce_sum(local).tolist()
+        loss_finite = math.isfinite(loss) and math.isfinite(normalizer)
+        self.last_skipped = not loss_finite or nonfinite > 0
+        if self.last_skipped:
+            self.skipped_steps += 1
+            # This rank's micro-batches whose loss is non-finite; when only the gradient is, any of them may be;
+            # none when the non-finite loss is another rank's.
+            ids = [i for batch_ids, finite in batches if not finite or loss_finite for i in batch_ids]
+            self._report(where, ids)
+        return StepTotals(loss, normalizer, nll, num_tokens, self.last_skipped)
+
+    def _report(self, where: str, ids: list[str]) -> None:
+        limit = self.max_nonfinite_steps
+        if self.skipped_steps > limit:
+            raise PearError(
+                f"training stopped at {where}: {self.skipped_steps} optimizer steps had a non-finite loss or "
+                f"gradient, more than model.max_nonfinite_steps={limit}; the last one's examples: {ids}. Check "
+                "these examples (and their behaviour log-probs), lower the learning rate, or raise "
+                "model.max_nonfinite_steps"
+            )
+        warnings.warn(
+            f"non-finite loss or gradient at {where}: optimizer step skipped ({self.skipped_steps} of at "
+            f"most {limit}); examples: {ids}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place."""
+    for param in parameters:
+        if param.grad is not None:
+            param.grad.mul_(factor)
