@@ -23,7 +23,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from .checkpoint_io import atomic_write
-from .errors import PearError
+from .errors import PearError, failure_reason
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,13 +63,23 @@ def model_fingerprint(config: dict[str, Any]) -> str:
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
     """Write JSON atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
+    _write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
 
 
 def write_shard(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write one shard of scored examples atomically."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    _write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _write(path: Path, write: Any) -> None:
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        raise PearError(
+            f"could not write {path} ({failure_reason(err)}); the cache's complete shards are kept: free space in "
+            f"{path.parent} and run the same command again to resume"
+        ) from err
 
 
 def shard_rows(path: Path) -> int | None:

@@ -7,9 +7,11 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from .commands import cache_logprobs, export, inspect_logprobs
 from .data import PearDataModule
+from .demo import demo_config
 from .errors import PearError
 from .lightning_cli import DEBUG_ENV, PearArgumentParser, PearCLI
 from .module import PearModule
@@ -78,6 +80,15 @@ def overview() -> str:
     )
 
 
+def _named_config(arg: str, before: str) -> str:
+    """``--config demo`` names the demo config that ships in the package (see ``demo.demo_config``)."""
+    if arg == "--config=demo" or (arg == "demo" and before == "--config"):
+        if not Path("demo").exists():
+            text = demo_config()
+            return f"--config={text}" if arg.startswith("--config=") else text
+    return arg
+
+
 class _DropAdverts(logging.Filter):
     """Lightning prints advertisements for its cloud products on every run; they are not about the run."""
 
@@ -97,6 +108,7 @@ def main(args: list[str] | None = None) -> None:
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # also for the processes a multi-device run starts
         argv = [a for a in argv if a != DEBUG_FLAG]
+    argv = [_named_config(a, before) for before, a in zip(["", *argv], argv)]
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(overview())
         return

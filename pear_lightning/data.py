@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .cache import load_cache
 from .checks import check_behavior_columns, check_unique_ids
 from .collate import collate
-from .errors import LOAD_ERRORS, PearError, load_error
+from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .join import join_behavior
 from .render import example_id, tokenize_example
 from .sampling import EpochRandomSampler, ResumableLoader
@@ -96,6 +96,7 @@ class PearDataModule(L.LightningDataModule):
             if self.tokenizer_name_or_path is None:
                 raise PearError("data.tokenizer_name_or_path is not set (the CLI sets it to model.model_name_or_path)")
             path = self.tokenizer_name_or_path
+            refuse_missing("data.tokenizer_name_or_path", path)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             except LOAD_ERRORS as err:
@@ -143,8 +144,7 @@ class PearDataModule(L.LightningDataModule):
         def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
             ex_id = example_id(example)
             out = tokenize_example(example, tokenizer, max_length, f"{path} row {index + 1} (id {ex_id})")
-            out[ID] = ex_id
-            return out
+            return {**out, ID: ex_id, "row": index + 1}  # rows are counted from 1 in every message
 
         data = raw.map(
             tokenize,
@@ -154,15 +154,17 @@ class PearDataModule(L.LightningDataModule):
         ).rename_column(ID, "id")  # ids are strings, whatever type the raw column has
         empty = data["num_loss_tokens"].count(0)
         truncated = sum(data["truncated"])
+        first = sum(data["untrainable_first"])
         if empty == len(data):
             raise PearError(
                 f"{path}: none of its {len(data)} examples has a response token within max_length={max_length}; "
                 "raise data.max_length or shorten the prompts"
             )
-        if truncated or empty:
+        if truncated or empty or first:
+            starts = f"{first} begin with a response token, which nothing precedes to predict it from: not trained on; "
             rank_zero_info(
                 f"{split} ({path}): {truncated} of {len(data)} examples truncated to max_length={max_length}; "
-                f"{empty} skipped because no response token was left"
+                f"{starts if first else ''}{empty} skipped because no response token was left"
             )
             data = data.filter(lambda n: n > 0, input_columns="num_loss_tokens")
         return data

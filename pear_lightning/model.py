@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from .errors import LOAD_ERRORS, PearError, load_error
+from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .lora import LoraSettings, apply_lora
 from .sharding import shard_model
 
@@ -37,6 +37,7 @@ def load_model(
     Returns:
         The model, and whether the memory-lean (chunked) log-prob path can reach its lm_head.
     """
+    refuse_missing("model.model_name_or_path", path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, **_quantization(load_in_4bit, lora)

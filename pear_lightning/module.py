@@ -17,13 +17,12 @@ from transformers import PreTrainedModel
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
 from .diagnostics import StrategyDiagnostics, TokenThroughput
-from .errors import PearError
 from .logprobs import target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
 from .schedule import with_run_length
-from .step import StepBooks, nonfinite_gradients, scale_gradients
+from .step import StepBooks, check_strategy, nonfinite_gradients, scale_gradients
 
 DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
@@ -75,8 +74,6 @@ class PearModule(L.LightningModule):
         lr_scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if max_nonfinite_steps < 0:
-            raise PearError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.save_hyperparameters(ignore=["weighting", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain data: checkpoints load weights_only
         self.weighting = weighting
@@ -87,6 +84,10 @@ class PearModule(L.LightningModule):
         self.throughput = TokenThroughput()
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before the first step, a training strategy the step's normalisation cannot serve."""
+        check_strategy(self.trainer.strategy)
 
     def configure_model(self) -> None:
         """Load the model (once); Lightning then applies the precision (see ``model.load_model``)."""
@@ -111,7 +112,8 @@ class PearModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (or another LoRA setup) before any weight is loaded."""
         setup = f"{self.hparams.model_name_or_path}, lora={'on' if self.hparams.lora else 'off'}"
-        check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
+        if "state_dict" in checkpoint:  # absent from a sharded one: its strategy loaded the weights itself, strictly
+            check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:

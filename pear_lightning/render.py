@@ -18,6 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .errors import PearError
 
+PROBE = "\u2063pear-probe\u2063"  # content no template rewrites, to find where a turn's content starts
+
 
 def example_id(example: dict[str, Any]) -> str:
     """Return the example's ``id``, or a stable hash of its content when it has none."""
@@ -33,6 +35,12 @@ def to_messages(example: dict[str, Any], where: str) -> list[dict[str, str]] | N
     Raises:
         PearError: if the example has neither ``messages`` nor ``prompt`` + ``completion``.
     """
+    both = [k for k in ("prompt", "completion") if example.get(k) is not None]
+    if example.get("messages") is not None and both:
+        raise PearError(
+            f"{where}: has both `messages` and {' and '.join(f'`{k}`' for k in both)}; an example is one or the "
+            "other: keep one form per row"
+        )
     if example.get("messages") is not None:
         messages = example["messages"]
         if not isinstance(messages, list) or not all(
@@ -63,7 +71,11 @@ def _assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokeni
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else _opening(tokenizer, where)
+        )
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through)):
             raise PearError(
@@ -73,6 +85,18 @@ def _assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokeni
         # The span ends at the end-of-turn token; the template's trailing newline is not a response token.
         spans.append((len(before), len(through.rstrip())))
     return text, spans
+
+
+def _opening(tokenizer: PreTrainedTokenizerBase, where: str) -> str:
+    """What the template writes before the content of a conversation's first turn when that turn is the
+    assistant's (its role header, and any default system prompt): not response tokens."""
+    probe = tokenizer.apply_chat_template([{"role": "assistant", "content": PROBE}], tokenize=False)
+    if PROBE not in probe:
+        raise PearError(
+            f"{where}: the conversation starts with an assistant turn and the chat template does not show where "
+            "its content starts; begin the conversation with a user (or system) turn"
+        )
+    return probe[: probe.index(PROBE)]
 
 
 def tokenize_example(
@@ -88,7 +112,8 @@ def tokenize_example(
 
     Returns:
         ``input_ids`` and ``loss_mask`` (lists of equal length), ``num_loss_tokens``, ``prompt_length``
-        (tokens before the last assistant turn, what a model is given to generate it) and ``truncated``.
+        (tokens before the last assistant turn, what a model is given to generate it), ``truncated``, and
+        ``untrainable_first`` (the example began with a response token, which is left out of the loss).
     """
     messages = to_messages(example, where)
     if messages is None and tokenizer.chat_template is not None:
@@ -112,6 +137,9 @@ def tokenize_example(
     encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     input_ids = encoding["input_ids"]
     loss_mask = [any(s < end and start < e for s, e in spans) for start, end in encoding["offset_mapping"]]
+    # The first token has no context to be predicted from (no prompt, no BOS): it cannot be trained on.
+    untrainable_first = bool(loss_mask) and loss_mask[0]
+    loss_mask[:1] = [False] * len(loss_mask[:1])
     prompt_length = next(i for i in range(len(input_ids)) if encoding["offset_mapping"][i][1] > spans[-1][0])
     return {
         "input_ids": input_ids[:max_length],
@@ -119,4 +147,5 @@ def tokenize_example(
         "num_loss_tokens": sum(loss_mask[:max_length]),
         "prompt_length": prompt_length,
         "truncated": len(input_ids) > max_length,
+        "untrainable_first": untrainable_first,
     }

@@ -18,6 +18,8 @@ from .errors import PearError, looks_local
 # readers (a hub name still downloads as usual).
 datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file suffix → datasets builder
+# What `datasets` would also read from a folder, each as its own format.
+OTHER_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow", ".xml": "xml", ".sql": "sql"}
 
 
 def load_examples(path: str) -> Dataset:
@@ -32,6 +34,7 @@ def load_examples(path: str) -> Dataset:
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
             dataset = load_from_disk(str(local))
             return dataset["train"] if hasattr(dataset, "keys") else dataset
+        check_one_format(local)
         try:
             with quiet_reader():
                 return load_dataset(str(local), split="train")
@@ -52,6 +55,31 @@ def load_examples(path: str) -> Dataset:
         return load_dataset(path, split="train")
     except Exception as err:  # the hub's errors vary by version; the path is the useful part
         raise PearError(f"{path}: no such file or folder, and not loadable as a hub dataset ({err})") from err
+
+
+def check_one_format(folder: Path) -> None:
+    """Refuse a data folder whose files are of several formats (``datasets`` would read one and skip the rest) or
+    hold no data file at all.
+
+    Raises:
+        PearError: naming the folder and how many files of each format it holds.
+    """
+    files = [
+        f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+    ]
+    formats: dict[str, int] = {}
+    for f in files:
+        kind = DATA_SUFFIXES.get(f.suffix) or OTHER_FORMATS.get(f.suffix)
+        if kind is not None:
+            formats[kind] = formats.get(kind, 0) + 1
+    if len(formats) > 1:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(formats.items()))
+        raise PearError(
+            f"{folder}: holds data files of {len(formats)} formats ({counts}); only one would be read: keep one "
+            "format per data folder (.jsonl/.json or .parquet)"
+        )
+    if not formats or next(iter(formats)) not in DATA_SUFFIXES.values():
+        raise PearError(f"{folder}: holds no .jsonl, .json or .parquet file; put the examples in one of those formats")
 
 
 def no_examples(path: str | Path) -> str:

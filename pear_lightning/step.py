@@ -14,10 +14,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from torch import nn
 
 from .errors import PearError
 from .loss import LossTerms
+
+# Where the gradients are the parameters' `.grad`, which `scale_gradients` rescales before the update.
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class StepBooks:
     """
 
     def __init__(self, max_nonfinite_steps: int) -> None:
+        if max_nonfinite_steps < 0:
+            raise PearError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_steps = 0  # in this run, checkpointed
         self.last_skipped = False
@@ -112,3 +125,18 @@ def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> None:
     for param in parameters:
         if param.grad is not None:
             param.grad.mul_(factor)
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse a training strategy whose gradients do not live in the parameters' ``.grad`` (DeepSpeed's ZeRO keeps
+    them in its own buffers): the step's normalisation would silently do nothing there.
+
+    Raises:
+        PearError: naming the strategy and the ones that work.
+    """
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise PearError(
+            f"trainer.strategy: {type(strategy).__name__} cannot be used: the loss of an optimizer step is normalised "
+            "by rescaling the parameters' .grad before the update, and this strategy keeps its gradients elsewhere "
+            "(the rescale would silently do nothing); use auto (one device), ddp, fsdp or ModelParallelStrategy (FSDP2)"
+        )

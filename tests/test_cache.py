@@ -205,7 +205,7 @@ def nan_logprob(row):
     return row
 
 
-MISMATCH = "whose cached token_ids differ from the trainer's response tokens (ids or length)"
+MISMATCH = "whose token_ids differ from the trainer's response tokens, or whose logprobs are not one per token"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +214,12 @@ MISMATCH = "whose cached token_ids differ from the trainer's response tokens (id
         ("train-00001.parquet", 7, drop_row, "missing from the behaviour log-probs"),
         ("train-00000.parquet", 3, bump_token, MISMATCH),
         ("train-00002.parquet", 0, cut_row, MISMATCH),
-        ("train-00000.parquet", 9, nan_logprob, "with NaN or infinite log-probs"),
+        (
+            "train-00000.parquet",
+            9,
+            nan_logprob,
+            "with NaN, infinite or positive log-probs (a log-probability is finite and <= 0)",
+        ),
     ],
     ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
 )
@@ -227,12 +232,13 @@ def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, run_dir, 
         return rows[:index] + ([changed] if changed is not None else []) + rows[index + 1 :]
 
     spoilt, _ = spoil(cache, tmp_path, shard, spoil_one)
+    row = 50 * int(shard[len("train-") : -len(".parquet")]) + index + 1  # the data file's row, counted from 1
     assert_refused(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
         tmp_path,
         f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 {clause} (first: {spoilt_id[0]}). {ADVICE}",
+        f"log-probs: 1 {clause} (first: row {row} (id {spoilt_id[0]})). {ADVICE}",
     )
 
 

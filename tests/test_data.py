@@ -103,8 +103,9 @@ def test_changed_token_ids_stop_before_training(tmp_path):
     with pytest.raises(PearError) as err:
         joined(path)
     assert str(err.value) == (
-        f"{path}: 2 of 5 examples cannot be joined to their behaviour log-probs: 2 whose cached token_ids differ from "
-        f"the trainer's response tokens (ids or length) (first: {rows[1]['id']}, {rows[3]['id']}). {ADVICE}"
+        f"{path}: 2 of 5 examples cannot be joined to their behaviour log-probs: 2 whose token_ids differ from the "
+        "trainer's response tokens, or whose logprobs are not one per token (first: row 2 (id "
+        f"{rows[1]['id']}), row 4 (id {rows[3]['id']})). {ADVICE}"
     )
 
 
@@ -116,8 +117,8 @@ def test_nan_logprob_stops_before_training(tmp_path):
     with pytest.raises(PearError) as err:
         joined(path)
     assert str(err.value) == (
-        f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN or infinite log-probs "
-        f"(first: {rows[0]['id']}). {ADVICE}"
+        f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN, infinite or positive "
+        f"log-probs (a log-probability is finite and <= 0) (first: row 1 (id {rows[0]['id']})). {ADVICE}"
     )
 
 

@@ -38,6 +38,7 @@ from ..collate import collate
 from ..data import PearDataModule
 from ..errors import PearError
 from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from ..preflight import check_writable
 
 
 class CacheCLI(PearCLI):
@@ -103,6 +104,9 @@ def run(args: list[str]) -> None:
     unknown = [s for s in cli.config.splits if s not in data.paths]
     if unknown or shard_size < 1:
         raise PearError(f"cache_logprobs: --splits must name data splits {list(data.paths)} and --shard_size be >= 1")
+    if output.exists() and not output.is_dir():
+        raise PearError(f"--output {output}: a file; the cache is a folder: choose another name")
+    check_writable(output, "--output")
     splits = {s: data.tokenized(s) for s in cli.config.splits if data.paths[s]}
     if not splits:
         raise PearError(f"cache_logprobs: none of the splits {cli.config.splits} has a data path in the config")
