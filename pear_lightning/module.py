@@ -22,6 +22,7 @@ from .logprobs import target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
+from .processing import SamplingSettings
 from .schedule import with_run_length
 from .step import StepBooks, nonfinite_gradients, scale_gradients
 
@@ -82,6 +83,7 @@ class PearModule(L.LightningModule):
         self.weighting = weighting
         self.model: PreTrainedModel | None = None
         self.chunk_size = logprob_chunk_size
+        self.scoring: SamplingSettings | None = None  # predict_step's distribution (cache_logprobs sets it); None: raw
         self.books = StepBooks(max_nonfinite_steps)
         self.diagnostics = StrategyDiagnostics()
         self.throughput = TokenThroughput()
@@ -114,10 +116,11 @@ class PearModule(L.LightningModule):
         check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
-    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
-        """Score a collated batch: fp32 log-probs of its tokens under the current model."""
+    def token_batch(self, batch: dict[str, Any], sampling: SamplingSettings | None = None) -> TokenBatch:
+        """Score a collated batch: fp32 log-probs of its tokens under the current model (under a sampler's processed
+        distribution when ``sampling`` is given, see ``processing``)."""
         ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size)
+        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size, sampling)
         return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
 
     def loss_terms(self, batch: dict[str, Any]) -> LossTerms:
@@ -180,8 +183,10 @@ class PearModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Score the batch's response tokens: ``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` of all its
-        response tokens with each example's ``lengths`` (tensors, so Lightning does not walk long Python lists)."""
-        tokens = self.token_batch(batch)
+        response tokens with each example's ``lengths`` (tensors, so Lightning does not walk long Python lists). The
+        log-probs are those of the distribution ``scoring`` describes (the model's own when None); -inf marks a token
+        outside its kept set."""
+        tokens = self.token_batch(batch, self.scoring)
         scored = {"token_ids": batch["input_ids"][tokens.mask], "logprobs": tokens.logp[tokens.mask]}
         return {"ids": batch["ids"], **scored, "lengths": tokens.mask.sum(dim=1)}
 
