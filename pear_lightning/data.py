@@ -17,9 +17,10 @@ from .checks import check_behavior_columns, check_unique_ids, response_ids
 from .collate import collate
 from .errors import LOAD_ERRORS, PearError, load_error
 from .join import join_behavior
+from .processing import SamplingSettings
 from .render import example_id, tokenize_example, turn_end
 from .sampling import EpochRandomSampler, ResumableLoader
-from .sources import load_examples, no_examples
+from .sources import generated_manifest, load_examples, no_examples
 
 SPLITS = ("train", "val", "test", "predict")
 ID = "pear_example_id"  # the id column while it is made (see `tokenized`)
@@ -49,7 +50,11 @@ class PearDataModule(L.LightningDataModule):
             precedence over log-prob columns in the data.
         token_ids_column: column with each example's response token ids as its generator sampled them; they are
             the trained response tokens (for a prompt, or a conversation with one assistant turn).
-        logprobs_column: column with the behaviour policy's log-prob of each of those tokens.
+        logprobs_column: column with the behaviour policy's log-prob of each of those tokens: log π_β, where π_β is
+            the distribution that sampled them (see ``sampling``).
+        sampling: how the training responses were sampled (temperature, top-k, top-p, min-p), when the data does
+            not say so itself (a ``generate`` output folder does); by default, at temperature 1 without truncation.
+            ``cache_logprobs`` scores under it, and a cache scored under other settings is refused.
         drop_misaligned: drop (and count) examples whose behaviour log-probs do not line up, instead of
             stopping; off by default, because misaligned ratios are silently wrong ratios.
         max_drop_fraction: with ``drop_misaligned``, stop anyway when more than this fraction would be dropped.
@@ -70,6 +75,7 @@ class PearDataModule(L.LightningDataModule):
         logprobs_path: str | None = None,
         token_ids_column: str = "token_ids",
         logprobs_column: str = "logprobs",
+        sampling: SamplingSettings | None = None,
         drop_misaligned: bool = False,
         max_drop_fraction: float = 0.01,
         trust_remote_code: bool = False,
@@ -86,6 +92,7 @@ class PearDataModule(L.LightningDataModule):
         self.logprobs_path = logprobs_path
         self.token_ids_column = token_ids_column
         self.logprobs_column = logprobs_column
+        self.sampling = sampling.check("data.sampling") if sampling is not None else None
         self.drop_misaligned = drop_misaligned
         self.max_drop_fraction = max_drop_fraction
         self.trust_remote_code = trust_remote_code
@@ -188,6 +195,22 @@ class PearDataModule(L.LightningDataModule):
             "end without it and are trained as cut off"
         )
 
+    def sampling_of(self, split: str) -> SamplingSettings:
+        """The distribution that sampled ``split``'s responses: ``data.sampling``, else what the manifest of a
+        ``generate`` output folder records, else temperature 1 without truncation.
+
+        Raises:
+            PearError: if ``data.sampling`` and the folder's manifest disagree.
+        """
+        manifest = generated_manifest(self.paths[split])
+        recorded = SamplingSettings(**manifest["sampling"]) if manifest else None
+        if self.sampling is not None and recorded is not None and self.sampling != recorded:
+            raise PearError(
+                f"data.sampling ({self.sampling.describe()}) contradicts {self.paths[split]}, whose manifest records "
+                f"it was sampled with {recorded.describe()}; leave data.sampling unset for this data"
+            )
+        return self.sampling or recorded or SamplingSettings()
+
     def with_behavior(self, split: str, data: Dataset) -> Dataset:
         """Join ``split``'s behaviour log-probs, from the cache or the data's own columns, if there are any: the
         examples then carry ``behavior_logp``, one value per trained response token.
@@ -198,7 +221,7 @@ class PearDataModule(L.LightningDataModule):
         path = self.paths[split]
         if self.logprobs_path:
             check_unique_ids(data, path)
-            behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path)
+            behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path, self.sampling_of(split))
             where = f"{path} with {self.logprobs_path}"
         else:
             raw = load_examples(path)
