@@ -52,7 +52,7 @@ class PearDataModule(L.LightningDataModule):
             the trained response tokens (for a prompt, or a conversation with one assistant turn).
         logprobs_column: column with the behaviour policy's log-prob of each of those tokens: log π_β, where π_β is
             the distribution that sampled them (see ``sampling``).
-        sampling: how the training responses were sampled (temperature, top-k, top-p, min-p), when the data does
+        sampling: how the data's responses were sampled (temperature, top-k, top-p, min-p), when the data does
             not say so itself (a ``generate`` output folder does); by default, at temperature 1 without truncation.
             ``cache_logprobs`` scores under it, and a cache scored under other settings is refused.
         drop_misaligned: drop (and count) examples whose behaviour log-probs do not line up, instead of
