@@ -100,12 +100,15 @@ def test_logprobs_that_do_not_line_up_stop_before_training(tmp_path):
     rows[1]["logprobs"] = rows[1]["logprobs"][:-1]  # one log-prob short of the ids
     # Two assistant turns: the text is rendered, and the ids (of the last turn only) cannot stand for both.
     rows[3]["messages"] = rows[3]["messages"] + rows[3]["messages"]
+    # The sampler stopped on <|im_end|> and the dump left it out: it is trained, but the data has no log-prob for it.
+    rows[4].update(token_ids=rows[4]["token_ids"][:-1], logprobs=rows[4]["logprobs"][:-1], finish_reason="stop")
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError) as err:
         joined(path)
     assert str(err.value) == (
-        f"{path}: 2 of 5 examples cannot be joined to their behaviour log-probs: 2 whose cached token_ids differ from "
-        f"the trainer's response tokens (ids or length) (first: {rows[1]['id']}, {rows[3]['id']}). {ADVICE}"
+        f"{path}: 3 of 5 examples cannot be joined to their behaviour log-probs: 3 whose cached token_ids differ from "
+        f"the trainer's response tokens (ids or length) (first: {rows[1]['id']}, {rows[3]['id']}, {rows[4]['id']}). "
+        f"{ADVICE}"
     )
 
 
