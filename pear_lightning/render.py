@@ -113,10 +113,12 @@ def prompt_ids(prompt: list[dict[str, str]] | str, tokenizer: PreTrainedTokenize
 @dataclass(frozen=True)
 class TurnEnd:
     """What closes a response: ``trained``, the end-of-turn tokens (``<|im_end|>``; EOS without a chat template), and
-    ``untrained``, what the rendering writes after them (the template's newline)."""
+    ``untrained``, what the rendering writes after them (the template's newline); ``special``: the tokenizer's special
+    token ids, among which a sampler's stop tokens are."""
 
     trained: tuple[int, ...]
     untrained: tuple[int, ...]
+    special: frozenset[int]
 
 
 @lru_cache(maxsize=16)
@@ -124,17 +126,18 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> TurnEnd:
     """How the tokenizer's rendering closes an assistant turn, read from a one-turn conversation; EOS alone when the
     template does not write an assistant's content verbatim."""
     eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    special = frozenset(tokenizer.all_special_ids)
     if tokenizer.chat_template is None:
-        return TurnEnd(eos, ())
+        return TurnEnd(eos, (), special)
     user = [{"role": "user", "content": "x"}]
     before = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     through = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": "y"}], tokenize=False)
     if not through.startswith(before + "y"):
-        return TurnEnd(eos, ())
+        return TurnEnd(eos, (), special)
     end = through[len(before) + 1 :]
     trained = end.rstrip()  # as for text: the template's trailing newline is not a response token
     ids = tokenizer([trained, end[len(trained) :]], add_special_tokens=False)["input_ids"]
-    return TurnEnd(tuple(ids[0]), tuple(ids[1]))
+    return TurnEnd(tuple(ids[0]), tuple(ids[1]), special)
 
 
 def _check_template(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
@@ -176,9 +179,9 @@ def tokenize_example(
 
     With ``response_ids``, the example is trained on exactly those ids after its prompt (see ``request``; an example
     with several assistant turns is the exception: its text is rendered, and the ids must equal all its response
-    tokens). The end-of-turn token is added only when the ids lack it and ``finish_reason`` is ``"stop"`` (the
-    sampler stopped on an end-of-sequence token the ids leave out); the template's text after it (a newline) follows
-    a closed turn, untrained.
+    tokens). The end-of-turn token is added only when ``finish_reason`` is ``"stop"`` and the ids end with no special
+    token (the sampler stopped on a stop token the ids leave out); the template's text after it (a newline) follows a
+    closed turn, untrained.
 
     Args:
         example: a row with ``messages`` or ``prompt`` (+ ``completion``).
@@ -201,12 +204,13 @@ def tokenize_example(
         end = turn_end(tokenizer)
         response = list(response_ids)
         closed = bool(end.trained) and tuple(response[-len(end.trained) :]) == end.trained
-        added = not closed and bool(end.trained) and finish_reason == "stop"
+        stopped = bool(response) and response[-1] in end.special  # on another stop token, e.g. <|endoftext|>
+        added = not closed and not stopped and bool(end.trained) and finish_reason == "stop"
         response += end.trained if added else ()
         after = list(end.untrained) if closed or added else []
         input_ids = prompt + response + after
         loss_mask = [False] * len(prompt) + [True] * len(response) + [False] * len(after)
-        made = {"generated": True, "end_of_turn_added": added, "unfinished": not (closed or added)}
+        made = {"generated": True, "end_of_turn_added": added, "unfinished": not (closed or added or stopped)}
         return _cut(input_ids, loss_mask, len(prompt), max_length) | made
     messages = to_messages(example, where)
     if messages is None and tokenizer.chat_template is not None:

@@ -150,6 +150,10 @@ def test_the_end_of_turn_token_is_added_only_when_the_sampler_stopped_on_it(toke
     assert cut["input_ids"] == closed["input_ids"][:-2] and cut["unfinished"] and all(cut["loss_mask"][-len(ids) :])
     again = tokenize_example(example, tokenizer, 256, "x", response_ids=ids + [end], finish_reason="stop")
     assert again["input_ids"] == closed["input_ids"]  # never added twice
+    other = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # a stop token that is not the template's end of turn
+    elsewhere = tokenize_example(example, tokenizer, 256, "x", response_ids=ids + [other], finish_reason="stop")
+    assert elsewhere["input_ids"][-len(ids) - 1 :] == ids + [other] and all(elsewhere["loss_mask"][-len(ids) - 1 :])
+    assert not elsewhere["end_of_turn_added"] and not elsewhere["unfinished"]
 
 
 def test_ids_of_one_turn_cannot_stand_for_several_assistant_turns(tokenizer):
