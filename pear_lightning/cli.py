@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .commands import cache_logprobs, export, inspect_logprobs
+from .commands import cache_logprobs, export, generate, inspect_logprobs
 from .data import PearDataModule
 from .demo import demo_config
 from .errors import PearError
@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "validate": ("validation loss of a model or checkpoint (LightningCLI)", lightning),
     "test": ("test loss of a model or checkpoint (LightningCLI)", lightning),
     "predict": ("per-token log-probs of the predict data (LightningCLI)", lightning),
+    "generate": ("sample responses with their token ids and sampling-distribution log-probs", generate.run),
     "cache_logprobs": ("score the data with the behaviour model into a checked cache", cache_logprobs.run),
     "inspect_logprobs": ("quantiles of the behaviour log-probs, step-0 log-ratios and weights", inspect_logprobs.run),
     "export": ("a checkpoint as a Hugging Face model folder, for the RL stage", export.run),

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .processing import SamplingSettings, processed_logprobs
+
 # Config attributes that make the logits something other than lm_head(hidden).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -32,13 +34,17 @@ def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
-def _chunk_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor) -> Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _chunk_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+    return processed_logprobs(head(hidden), targets, sampling)
 
 
 def target_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, chunk_size: int = 256
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    chunk_size: int = 256,
+    sampling: SamplingSettings | None = None,
 ) -> Tensor:
     """Return log π(input_ids[b, t] | input_ids[b, :t]) at every loss position, zero elsewhere.
 
@@ -48,6 +54,8 @@ def target_logprobs(
         attention_mask: [B, T], True on real tokens.
         loss_mask: [B, T], True on the tokens to score; position 0 has no prediction and must be False.
         chunk_size: loss tokens per fp32 logits chunk; 0 takes the plain path (the model's full logits).
+        sampling: score under a sampler's processed distribution (temperature, top-k, top-p, min-p), chunk by chunk;
+            -inf for a token outside its kept set. None: the model's own log-softmax.
 
     Returns:
         [B, T] float32 log-probs aligned with ``input_ids``, differentiable w.r.t. the model.
@@ -57,7 +65,7 @@ def target_logprobs(
     parts = separable_head(model) if chunk_size > 0 else None
     if parts is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logp = _chunk_logprobs(nn.Identity(), logits[:, :-1][scored], targets)
+        logp = _chunk_logprobs(nn.Identity(), logits[:, :-1][scored], targets, sampling)
     else:
         decoder, head = parts
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -66,9 +74,9 @@ def target_logprobs(
         for start in range(0, len(targets), chunk_size):
             h, y = selected[start : start + chunk_size], targets[start : start + chunk_size]
             if torch.is_grad_enabled() and h.requires_grad:
-                chunks.append(checkpoint(_chunk_logprobs, head, h, y, use_reentrant=False))
+                chunks.append(checkpoint(_chunk_logprobs, head, h, y, sampling, use_reentrant=False))
             else:
-                chunks.append(_chunk_logprobs(head, h, y))
+                chunks.append(_chunk_logprobs(head, h, y, sampling))
         logp = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     return out.masked_scatter(nn.functional.pad(scored, (1, 0)), logp)

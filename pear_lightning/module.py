@@ -16,11 +16,12 @@ from transformers import PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
-from .diagnostics import StrategyDiagnostics, TokenThroughput
+from .diagnostics import StepDiagnostics
 from .logprobs import target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
+from .processing import SamplingSettings
 from .schedule import with_run_length
 from .step import StepBooks, check_strategy, nonfinite_gradients, scale_gradients
 
@@ -79,9 +80,9 @@ class PearModule(L.LightningModule):
         self.weighting = weighting
         self.model: PreTrainedModel | None = None
         self.chunk_size = logprob_chunk_size
+        self.scoring: SamplingSettings | None = None  # predict_step's distribution (cache_logprobs sets it); None: raw
         self.books = StepBooks(max_nonfinite_steps)
-        self.diagnostics = StrategyDiagnostics()
-        self.throughput = TokenThroughput()
+        self.diagnostics = StepDiagnostics()
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
@@ -116,10 +117,10 @@ class PearModule(L.LightningModule):
             check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
-    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
-        """Score a collated batch: fp32 log-probs of its tokens under the current model."""
+    def token_batch(self, batch: dict[str, Any], sampling: SamplingSettings | None = None) -> TokenBatch:
+        """fp32 log-probs of a collated batch's tokens (of a sampler's distribution when ``sampling`` is given)."""
         ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size)
+        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size, sampling)
         return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
 
     def loss_terms(self, batch: dict[str, Any]) -> LossTerms:
@@ -130,9 +131,7 @@ class PearModule(L.LightningModule):
         """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``)."""
         terms = self.loss_terms(batch)
         self.books.add(terms, batch["ids"])
-        self.diagnostics.log(self, terms.metrics, terms.num_tokens)
-        if (tokens_per_sec := self.throughput.step(batch["num_tokens"])) is not None:
-            self.log("train/tokens_per_sec", tokens_per_sec)
+        self.diagnostics.log(self, terms.metrics, terms.num_tokens, batch["num_tokens"])
         return terms.total
 
     def optimizer_step(
@@ -181,9 +180,9 @@ class PearModule(L.LightningModule):
         self.log(name, metric, prog_bar=name == "val/loss", batch_size=len(batch["ids"]))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Score the batch's response tokens: ``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` of all its
-        response tokens with each example's ``lengths`` (tensors, so Lightning does not walk long Python lists)."""
-        tokens = self.token_batch(batch)
+        """``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` (under ``scoring``; -inf: outside its kept set) of
+        the response tokens with each example's ``lengths`` (tensors: Lightning does not walk long Python lists)."""
+        tokens = self.token_batch(batch, self.scoring)
         scored = {"token_ids": batch["input_ids"][tokens.mask], "logprobs": tokens.logp[tokens.mask]}
         return {"ids": batch["ids"], **scored, "lengths": tokens.mask.sum(dim=1)}
 

@@ -382,5 +382,5 @@ def test_a_row_without_messages_or_prompt_is_named_by_file_and_row(run_dir, tiny
     bad = write_jsonl(
         run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
     )
-    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['id', 'text']"
+    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings), or a prompt with its generator's `token_ids`; found fields ['id', 'text']"
     assert_refused(fit_args(run_dir, tiny_model_dir, bad), capsys, run_dir, expected)
