@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
+
+from .loss import LossTerms
+
+SATURATION_STEPS = 20  # the optimizer steps the saturation warning looks back over
+
+
+class SaturationWatch:
+    """Watches the fraction of loss tokens whose log-weight sits at a clip bound, window by window of micro-batches,
+    and says once when it passes ``threshold``: saturated weights carry little of π_θ/π_β. The counts stay on the
+    device; one copy to the host per window.
+
+    Args:
+        threshold: the fraction of loss tokens at a bound above which to warn; 1 never warns.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.sums: torch.Tensor | None = None  # loss tokens at the upper bound, at the lower, all, in this window
+        self.seen = 0
+        self.warned = False
+
+    def add(
+        self, metrics: dict[str, torch.Tensor], loss_tokens: torch.Tensor, window: int
+    ) -> tuple[float, float] | None:
+        """Count one micro-batch; at the end of a window of ``window`` micro-batches whose bounds hold more than
+        ``threshold`` of their loss tokens, return (fraction at the upper bound, at the lower), the first time only."""
+        if self.warned or "log_weight_at_upper_clip" not in metrics:
+            return None
+        at = [metrics[f"log_weight_at_{bound}_clip"].double() * loss_tokens for bound in ("upper", "lower")]
+        counts = torch.stack([*at, loss_tokens.double()])
+        self.sums, self.seen = (counts if self.sums is None else self.sums + counts), self.seen + 1
+        if self.seen < window:
+            return None
+        (upper, lower, tokens), self.sums, self.seen = self.sums.tolist(), None, 0
+        if upper + lower <= self.threshold * tokens:
+            return None
+        self.warned = True
+        return upper / tokens, lower / tokens
+
+
+def saturation_message(strategy: object, upper: float, lower: float, steps: int) -> str:
+    """What saturated weights mean, and what to do about them."""
+    low, high = getattr(strategy, "log_weight_clip", (math.nan, math.nan))
+    return (
+        f"{type(strategy).__name__}: over the last {steps} optimizer steps, {upper + lower:.0%} of the loss tokens had "
+        f"their log-weight at a clip bound ({upper:.0%} at the upper bound {high:g}, a weight of e^{high:g} ≈ "
+        f"{math.exp(high):.0f}; {lower:.0%} at the lower bound {low:g}): the weights are saturated and carry little of "
+        "π_θ/π_β (on long responses the suffix sums of the per-token log-ratios reach a bound within a few dozen "
+        "tokens). Consider model.loss_normalizer: weights (only relative weights matter), a lower upper bound "
+        "(--model.weighting.log_weight_clip), a smaller gamma, or BlockIS with shorter blocks"
+    )
 
 
 class StepDiagnostics(torch.nn.ModuleDict):
@@ -21,18 +74,22 @@ class StepDiagnostics(torch.nn.ModuleDict):
     next (forward, backward, optimizer and data loading).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, saturation_warning: float = 0.5) -> None:
         super().__init__()
         self._last: tuple[float, int] | None = None  # when the previous micro-batch started, and its tokens
+        self.saturation = SaturationWatch(saturation_warning)
 
-    def log(
-        self, module: L.LightningModule, metrics: dict[str, torch.Tensor], loss_tokens: torch.Tensor, tokens: int
-    ) -> None:
-        """Log one micro-batch: the strategy's ``metrics`` over its ``loss_tokens``, and its ``tokens``' throughput."""
+    def log(self, module: L.LightningModule, strategy: object, terms: LossTerms, tokens: int) -> None:
+        """Log one micro-batch: the strategy's metrics over its loss tokens, its ``tokens``' throughput, and, once, a
+        warning when the strategy's weights are saturated (see ``SaturationWatch``; over the last 20 steps)."""
         now = time.perf_counter()
         if self._last is not None:
-            module.log("train/tokens_per_sec", self._last[1] / (now - self._last[0]))
+            module.log("train/tokens_per_sec", self._last[1] / (now - self._last[0]), prog_bar=True)
         self._last = (now, tokens)
+        window = SATURATION_STEPS * module.trainer.accumulate_grad_batches
+        if saturated := self.saturation.add(terms.metrics, terms.num_tokens, window):
+            rank_zero_warn(saturation_message(strategy, *saturated, SATURATION_STEPS))
+        metrics, loss_tokens = terms.metrics, terms.num_tokens
         for name, value in metrics.items():
             if name not in self:
                 kind = MaxMetric if name.endswith("_max") else MinMetric if name.endswith("_min") else MeanMetric

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
@@ -22,11 +21,10 @@ from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
 from .processing import SamplingSettings
-from .schedule import with_run_length
-from .step import StepBooks, check_strategy, nonfinite_gradients, scale_gradients
+from .schedule import build_optimization
+from .step import StepBooks, check_strategy, scale_gradients
 
 DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
-DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
 
 
 class PearModule(L.LightningModule):
@@ -40,23 +38,23 @@ class PearModule(L.LightningModule):
     Args:
         model_name_or_path: a Hugging Face hub name or a local folder holding a causal LM.
         weighting: the weighting strategy, by class name (``UniformSFT``) or with arguments.
-        loss_normalizer: what the summed token losses are divided by: ``tokens``, the number of loss
-            tokens (the default: a weight below 1 shrinks that token's gradient), or ``weights``, the
-            sum of the weights (self-normalised importance sampling: only relative weights matter).
+        loss_normalizer: what the step's summed token losses are divided by: ``tokens``, its loss tokens (a weight
+            below 1 shrinks that token's gradient), or ``weights``, Σ weights (self-normalised: only ratios matter).
         logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
             bounds the memory of the vocabulary projection. 0 uses the model's full logits instead.
-        lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints then hold
-            only the adapters (and the optimizer state).
+        lora: train LoRA adapters on the frozen model instead of all its weights (checkpoints hold the adapters).
         gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
         load_in_4bit: QLoRA: load the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU;
             needs ``lora``).
         trust_remote_code: allow the model folder or hub repository to run its own code.
-        max_nonfinite_steps: optimizer steps that may be skipped because their loss or gradient holds a NaN or an
-            infinity (on any micro-batch of any rank); a skipped step leaves the weights, the optimizer state and the
-            learning-rate schedule as they were and warns with its example ids. One more stops the run (0: the
-            first one does).
-        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
-            parameters are optimised.
+        max_nonfinite_steps: optimizer steps that may be skipped for a NaN or an infinity in their loss or gradient
+            (any micro-batch, any rank): weights, optimizer state and schedule stay as they were, a warning names the
+            examples. One more stops the run (0: the first one does).
+        saturation_warning: warn once when more than this fraction of the loss tokens of 20 optimizer steps have
+            their log-weight at a clip bound (the IS weights are then saturated); 1 never warns.
+        float32_matmul_precision: on a CUDA GPU, how fp32 matrix products may run (torch's setting): ``high``
+            lets tensor cores use TF32 (mixed-precision compute is bf16 anyway), ``highest`` keeps full fp32.
+        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters.
         lr_scheduler: set by the CLI's ``lr_scheduler:`` key; default none (constant learning rate).
     """
 
@@ -71,6 +69,8 @@ class PearModule(L.LightningModule):
         load_in_4bit: bool = False,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 3,
+        saturation_warning: float = 0.5,
+        float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
     ) -> None:
@@ -82,13 +82,16 @@ class PearModule(L.LightningModule):
         self.chunk_size = logprob_chunk_size
         self.scoring: SamplingSettings | None = None  # predict_step's distribution (cache_logprobs sets it); None: raw
         self.books = StepBooks(max_nonfinite_steps)
-        self.diagnostics = StepDiagnostics()
+        self.diagnostics = StepDiagnostics(saturation_warning)
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
     def setup(self, stage: str) -> None:
-        """Refuse, before the first step, a training strategy the step's normalisation cannot serve."""
+        """Refuse, before the first step, a training strategy the step's normalisation cannot serve; on CUDA, set
+        the fp32 matmul precision."""
         check_strategy(self.trainer.strategy)
+        if self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
 
     def configure_model(self) -> None:
         """Load the model (once); Lightning then applies the precision (see ``model.load_model``)."""
@@ -131,7 +134,7 @@ class PearModule(L.LightningModule):
         """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``)."""
         terms = self.loss_terms(batch)
         self.books.add(terms, batch["ids"])
-        self.diagnostics.log(self, terms.metrics, terms.num_tokens, batch["num_tokens"])
+        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"])
         return terms.total
 
     def optimizer_step(
@@ -147,17 +150,14 @@ class PearModule(L.LightningModule):
         division by ``accumulate_grad_batches`` and data parallelism's mean over ranks, and divides by the step's
         normaliser; gradient clipping, inside ``optimizer.step``, sees the rescaled gradient."""
         loss = optimizer_closure() if optimizer_closure is not None else None
-        world = self.trainer.world_size
-        where = f"global step {self.trainer.global_step}" + (f", rank {self.trainer.global_rank}" if world > 1 else "")
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: the scaler skips overflows itself
-        flag = nonfinite_gradients(self.parameters() if scaler is None else [], self.device)
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t)
-        totals = self.books.close(reduce, flag, where)
+        totals = self.books.close(self.trainer, self.parameters())
         self.log("train/skipped_steps", float(self.books.skipped_steps))
         if totals.skipped:
             return
-        self.log("train/loss", totals.mean_loss, prog_bar=True)
-        scale_gradients(self.parameters(), self.trainer.accumulate_grad_batches * world / max(totals.normalizer, 1e-8))
+        lr = optimizer.param_groups[0]["lr"]  # the rate of this update (the schedule steps after it)
+        self.log_dict({"train/loss": totals.mean_loss, "train/nll": totals.mean_nll, "train/lr": lr}, prog_bar=True)
+        accumulated = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        scale_gradients(self.parameters(), accumulated / max(totals.normalizer, 1e-8))
         optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
@@ -187,12 +187,13 @@ class PearModule(L.LightningModule):
         return {"ids": batch["ids"], **scored, "lengths": tokens.mask.sum(dim=1)}
 
     def configure_optimizers(self) -> Any:
-        """Build the configured optimizer over the trainable parameters, and its scheduler if any (a length the
-        config leaves out is the run's, see ``schedule.with_run_length``)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate_class(params, self.hparams.optimizer or DEFAULT_OPTIMIZER)
-        if not self.hparams.lr_scheduler:
+        """The configured optimizer over the trainable parameters, and its schedule if any, stepped every optimizer step
+        (a length the config leaves out is the run's, see ``schedule.build_optimization``)."""
+        params, run_steps = [p for p in self.parameters() if p.requires_grad], self._run_steps
+        optimizer, scheduler = build_optimization(params, self.hparams.optimizer, self.hparams.lr_scheduler, run_steps)
+        if scheduler is None:
             return optimizer
-        config = with_run_length(self.hparams.lr_scheduler, lambda: self.trainer.estimated_stepping_batches)
-        scheduler = instantiate_class(optimizer, config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _run_steps(self) -> float:
+        return self.trainer.estimated_stepping_batches

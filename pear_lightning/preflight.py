@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import instantiate_class
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
-from .module import DEFAULT_OPTIMIZER, PearModule
-from .schedule import with_run_length
+from .module import PearModule
+from .schedule import build_optimization
 from .step import check_strategy
 
 # Trainer settings Lightning accepts but fails on (or silently misuses) later: (rule, what is allowed).
@@ -58,29 +57,15 @@ def check_trainer(trainer: Trainer) -> None:
 def check_optimization(optimizer: dict[str, Any] | None, scheduler: dict[str, Any] | None, max_steps: int) -> None:
     """Build the optimizer (and the schedule over it) on a stand-in parameter, so that their own checks run now;
     refuse a schedule shorter than ``max_steps`` (torch's OneCycleLR stops the run with an error past its end)."""
-    config = optimizer or DEFAULT_OPTIMIZER
-    try:
-        built = instantiate_class([torch.nn.Parameter(torch.zeros(1))], config)
-    except (ValueError, TypeError) as err:
-        raise PearError(f"optimizer: {_name(config)}: {err}") from err
-    if not scheduler:
-        return
     run_steps = max_steps if max_steps >= 0 else math.inf
-    try:
-        schedule = instantiate_class(built, with_run_length(scheduler, lambda: run_steps))
-    except (ValueError, TypeError, ZeroDivisionError) as err:
-        raise PearError(f"lr_scheduler: {_name(scheduler)}: {err}") from err
+    _, schedule = build_optimization([torch.nn.Parameter(torch.zeros(1))], optimizer, scheduler, lambda: run_steps)
     total = getattr(schedule, "total_steps", None)
     if total is not None and run_steps > total:
         raise PearError(
-            f"lr_scheduler: {_name(scheduler)} lasts total_steps={total} optimizer steps, fewer than "
-            f"trainer.max_steps={max_steps}: it would stop the run with an error after step {total}; leave "
+            f"lr_scheduler: {scheduler['class_path'].rpartition('.')[2]} lasts total_steps={total} optimizer steps, "
+            f"fewer than trainer.max_steps={max_steps}: it would stop the run with an error after step {total}; leave "
             "total_steps unset (it is then the run's length) or make it cover max_steps"
         )
-
-
-def _name(config: dict[str, Any]) -> str:
-    return config["class_path"].rpartition(".")[2]
 
 
 def check_lora(path: str, lora: dict[str, Any], trust_remote_code: bool) -> None:
