@@ -4,7 +4,8 @@ Layout of a cache folder::
 
     manifest.json                 written last: its presence means the cache is complete
     progress.json                 while being written: the inputs, so that a resumed run can check them
-    <split>-<k>.parquet           shard k of a split: id, token_ids (int32 lists), logprobs (float32 lists)
+    <split>-<k>.parquet           shard k of a split: id, token_ids (int32 lists), logprobs (float32 lists), and,
+                                  made with a teacher, its top-k columns (see ``teacher``)
 
 The log-probs are log q(y), in fp32, of the response tokens exactly as the trainer tokenises them
 (chat template and ``max_length`` included), where q is the behaviour model's distribution processed
@@ -25,6 +26,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import atomic_write
+from .distill import TEACHER_COLUMNS
 from .errors import PearError, failure_reason
 from .processing import SamplingSettings
 
@@ -32,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 SCHEMA = pa.schema([("id", pa.string()), ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32()))])
+TEACHER_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}  # of the teacher's top-k log-probs
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -69,9 +72,13 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     _write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
 
 
-def write_shard(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write one shard of scored examples atomically."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+def write_shard(path: Path, rows: list[dict[str, Any]], teacher_dtype: str | None = None) -> None:
+    """Write one shard of scored examples atomically; with ``teacher_dtype``, with the teacher's top-k columns."""
+    schema = SCHEMA
+    if teacher_dtype is not None:
+        types = (pa.list_(pa.int32()), pa.list_(TEACHER_DTYPES[teacher_dtype]), pa.list_(pa.float32()))
+        schema = pa.schema([*SCHEMA, *(pa.field(c, t) for c, t in zip(TEACHER_COLUMNS, types))])
+    table = pa.Table.from_pylist(rows, schema=schema)
     _write(path, lambda tmp: pq.write_table(table, tmp))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .cache import load_cache
+from .cache import load_cache, read_manifest
 from .checks import check_behavior_columns, check_unique_ids, response_ids
 from .collate import collate
+from .distill import TEACHER_COLUMNS
 from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .join import join_behavior
 from .processing import SamplingSettings
@@ -220,10 +222,13 @@ class PearDataModule(L.LightningDataModule):
         Raises:
             PearError: if the cache does not belong to this tokenizer and data, or examples do not join.
         """
-        path = self.paths[split]
+        path, teacher = self.paths[split], None
         if self.logprobs_path:
             check_unique_ids(data, path)
             behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path, self.sampling_of(split))
+            teacher = (
+                read_manifest(Path(self.logprobs_path))["teacher"] if TEACHER_COLUMNS[0] in behavior.features else None
+            )
             where = f"{path} with {self.logprobs_path}"
         else:
             raw = load_examples(path)
@@ -242,7 +247,7 @@ class PearDataModule(L.LightningDataModule):
             behavior = behavior.add_column("id", ids)
             check_unique_ids(data, path)
             where = path
-        return join_behavior(data, behavior, where, self.drop_misaligned, self.max_drop_fraction)
+        return join_behavior(data, behavior, where, self.drop_misaligned, self.max_drop_fraction, teacher)
 
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:

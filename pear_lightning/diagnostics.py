@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 
-from .loss import LossTerms
+from .loss import LossTerms, nll_sum
 
 SATURATION_STEPS = 20  # the optimizer steps the saturation warning looks back over
 
@@ -100,3 +101,11 @@ class StepDiagnostics(torch.nn.ModuleDict):
             else:
                 metric(value)
             module.log(f"train/{name}", metric, on_step=True, on_epoch=True, metric_attribute=f"diagnostics.{name}")
+
+
+def log_nll(module: L.LightningModule, batch: dict[str, Any], metric: MeanMetric, name: str) -> None:
+    """Accumulate an evaluation batch's token-mean negative log-likelihood in ``metric`` and log it as ``name``."""
+    tokens = module.token_batch(batch)
+    num_tokens = tokens.mask.sum()
+    metric.update(nll_sum(tokens) / num_tokens.clamp(min=1), weight=num_tokens)
+    module.log(name, metric, prog_bar=name == "val/loss", batch_size=len(batch["ids"]))

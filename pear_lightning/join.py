@@ -22,7 +22,9 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
 from .checks import SHOWN, repeated_ids
+from .distill import TEACHER_COLUMNS
 from .errors import PearError
+from .teacher import join_teacher
 
 CHUNK_ROWS = 8192
 MAX_LOGPROB = 1e-4  # above 0 by more than fp32 rounding of a log-softmax can give: not a log-probability
@@ -35,10 +37,12 @@ class JoinProblems:
     missing: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     bad_values: list[str] = field(default_factory=list)
+    teacher_mismatched: list[str] = field(default_factory=list)
+    teacher_bad: list[str] = field(default_factory=list)
 
     def count(self) -> int:
         """Examples with any problem."""
-        return len(self.missing) + len(self.mismatched) + len(self.bad_values)
+        return sum(len(ids) for ids in vars(self).values())
 
     def describe(self) -> str:
         """One clause per kind of problem, with counts and the first ids."""
@@ -50,6 +54,12 @@ class JoinProblems:
                 "whose token_ids differ from the trainer's response tokens, or whose logprobs are not one per token",
             ),
             (self.bad_values, "with NaN, infinite or positive log-probs (a log-probability is finite and <= 0)"),
+            (self.teacher_mismatched, "whose teacher top-k columns do not hold top_k entries per cached token"),
+            (
+                self.teacher_bad,
+                "whose teacher top-k holds an id outside the teacher's vocabulary or twice at one token, or log-probs "
+                "that are NaN, infinite or positive or do not add up to 1 with the tail",
+            ),
         ):
             if ids:
                 parts.append(f"{len(ids)} {what} (first: {', '.join(ids[:SHOWN])})")
@@ -65,10 +75,16 @@ def _lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _join_chunk(
-    data: pa.Table, behavior: pa.Table, rows: np.ndarray, found: np.ndarray, problems: JoinProblems
-) -> tuple[np.ndarray, pa.Array]:
+    data: pa.Table,
+    behavior: pa.Table,
+    rows: np.ndarray,
+    found: np.ndarray,
+    problems: JoinProblems,
+    teacher: dict | None = None,
+) -> tuple[np.ndarray, list[pa.Array]]:
     """Check one chunk of examples against their behaviour rows (``rows`` valid where ``found``); return which
-    examples join and each one's log-probs of its trained response tokens (empty for those that do not)."""
+    examples join and each one's log-probs of its trained response tokens (empty for those that do not), then,
+    with a ``teacher`` (the manifest's entry), its teacher columns (see ``teacher.join_teacher``)."""
     ids = [f"row {r} (id {i})" for r, i in zip(data.column("row").to_pylist(), data.column("id").to_pylist())]
     problems.missing += [i for i, ok in zip(ids, found) if not ok]
     mask_offsets, mask = _lists(data.column("loss_mask"))
@@ -98,15 +114,27 @@ def _join_chunk(
     problems.mismatched += [i for i, bad in zip(ids, mismatched) if bad]
     problems.bad_values += [i for i, bad in zip(ids, found & ~mismatched & bad_value) if bad]
     joined = found & ~mismatched & ~bad_value
+    if teacher is not None:
+        teacher_mismatched, teacher_bad, teacher_columns = join_teacher(taken, joined, n, m, teacher)
+        problems.teacher_mismatched += [i for i, bad in zip(ids, teacher_mismatched) if bad]
+        problems.teacher_bad += [i for i, bad in zip(ids, teacher_bad) if bad]
+        joined &= ~teacher_mismatched & ~teacher_bad
     lengths = np.where(joined, n, 0)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return joined, pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_logprobs[joined[owner]]))
+    columns = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_logprobs[joined[owner]]))]
+    return joined, columns + (teacher_columns(joined) if teacher is not None else [])
 
 
 def join_behavior(
-    data: Dataset, behavior: Dataset, where: str, drop_misaligned: bool = False, max_drop_fraction: float = 0.01
+    data: Dataset,
+    behavior: Dataset,
+    where: str,
+    drop_misaligned: bool = False,
+    max_drop_fraction: float = 0.01,
+    teacher: dict | None = None,
 ) -> Dataset:
-    """Return ``data`` with a ``behavior_logp`` column: log π_β of each example's trained response tokens.
+    """Return ``data`` with a ``behavior_logp`` column: log π_β of each example's trained response tokens (and, with
+    a ``teacher``, the teacher's top-k columns of those tokens, see ``teacher``).
 
     Args:
         data: tokenised examples (``id``, ``row``, ``input_ids``, ``loss_mask``, ``truncated``).
@@ -114,6 +142,7 @@ def join_behavior(
         where: names the data and the log-probs in messages.
         drop_misaligned: drop and count the examples that do not join, instead of stopping.
         max_drop_fraction: with ``drop_misaligned``, stop anyway if more than this fraction is dropped.
+        teacher: the cache manifest's ``teacher`` entry (``top_k``, ``vocab_size``) when it holds a teacher's top-k.
 
     Raises:
         PearError: if the behaviour table has duplicate ids, or examples do not join (and may not be dropped).
@@ -126,17 +155,19 @@ def join_behavior(
             f"{', '.join(dupes[:SHOWN])}); each example needs exactly one row: re-make them with "
             "`python -m pear_lightning cache_logprobs`"
         )
-    behavior_table = behavior.with_format("arrow")[:].select(["token_ids", "logprobs"])
+    names = ["token_ids", "logprobs", *(TEACHER_COLUMNS if teacher else ())]
+    behavior_table = behavior.with_format("arrow")[:].select(names)
     problems = JoinProblems()
     keep, columns = [], []
-    for start in range(0, len(data), CHUNK_ROWS):
-        chunk = data.with_format("arrow")[start : start + CHUNK_ROWS]
+    rows_per_chunk = CHUNK_ROWS // (1 + teacher["top_k"]) + 1 if teacher else CHUNK_ROWS  # bounded memory either way
+    for start in range(0, len(data), rows_per_chunk):
+        chunk = data.with_format("arrow")[start : start + rows_per_chunk]
         index = pc.index_in(chunk.column("id"), value_set=behavior_ids)
         found = np.asarray(index.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.asarray(index.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-        joined, column = _join_chunk(chunk, behavior_table, rows, found, problems)
+        joined, chunk_columns = _join_chunk(chunk, behavior_table, rows, found, problems, teacher)
         keep.append(joined)
-        columns.append(column)
+        columns.append(chunk_columns)
     bad = problems.count()
     if bad:
         advice = (
@@ -156,6 +187,8 @@ def join_behavior(
         rank_zero_info(f"{where}: dropped {bad} of {len(data)} examples that cannot be joined: {problems.describe()}")
     # The new column's fingerprint from its inputs': hashing 100M log-probs would cost more than the join.
     fingerprint = hashlib.sha256(f"{data._fingerprint} {behavior._fingerprint} join".encode()).hexdigest()[:16]
-    column = pa.chunked_array(columns, pa.list_(pa.float32()))
-    data = data.add_column("behavior_logp", column, new_fingerprint=fingerprint)
+    for i, name in enumerate(["behavior_logp", *(TEACHER_COLUMNS if teacher else ())]):
+        column = pa.chunked_array([c[i] for c in columns], None if i else pa.list_(pa.float32()))
+        named = fingerprint if i == 0 else hashlib.sha256(f"{fingerprint} {name}".encode()).hexdigest()[:16]
+        data = data.add_column(name, column, new_fingerprint=named)
     return data.select(np.flatnonzero(np.concatenate(keep))) if bad else data

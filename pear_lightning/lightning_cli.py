@@ -25,6 +25,7 @@ from .module import PearModule
 from .plugins import load_strategies, skipped_strategies
 from .preflight import check_fit, check_outputs
 from .step import check_strategy
+from .teacher import check_teacher
 
 DEBUG_ENV = "PEAR_DEBUG"
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a path
@@ -106,8 +107,9 @@ class PearCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Check everything fit can before it starts (``preflight.check_fit``)."""
+        """Check everything fit can before it starts (``preflight.check_fit``; ``teacher.check_teacher``)."""
         check_fit(self.trainer, self.model)
+        check_teacher(self.model.hparams.loss, self.datamodule.logprobs_path)
 
     def before_validate(self) -> None:
         """Refuse ``validate`` without validation data, or with logs it could not write."""

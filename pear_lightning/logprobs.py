@@ -10,6 +10,8 @@ the plain path: the model's own logits, of which only the loss positions are tur
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -34,8 +36,70 @@ def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
-def _chunk_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+def _chunk_logprobs(
+    head: nn.Module, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None = None
+) -> Tensor:
     return processed_logprobs(head(hidden), targets, sampling)
+
+
+def tail_logprob(logp: Tensor, ids: Tensor) -> Tensor:
+    """log of the probability mass outside ``ids``: logsumexp of ``logp`` [N, V] over the other tokens, [N]; -inf
+    (with a zero gradient) where ``ids`` [N, k] cover the whole vocabulary."""
+    outside = logp.scatter(-1, ids, float("-inf"))
+    empty = torch.isneginf(outside).all(dim=-1, keepdim=True)  # k = V: no tail (a logsumexp of -inf has NaN grads)
+    tail = torch.logsumexp(outside.masked_fill(empty, 0.0), dim=-1)
+    return tail.masked_fill(empty.squeeze(-1), float("-inf"))
+
+
+def _chunk_topk(head: nn.Module, hidden: Tensor, targets: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The targets' log-probs, the log-probs at the given top-k ``ids`` and the log-mass outside them (fp32)."""
+    logp = torch.log_softmax(head(hidden).float(), dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logp.gather(-1, ids), tail_logprob(logp, ids)
+
+
+def _chunk_teacher(
+    head: nn.Module, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None, k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The targets' log-probs under ``sampling``, and the raw distribution's top-k ids, log-probs and tail."""
+    logits = head(hidden).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+    return processed_logprobs(logits, targets, sampling), ids, values, tail_logprob(logp, ids)
+
+
+def _loss_positions(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, chunk_size: int
+) -> tuple[Tensor, nn.Module, int]:
+    """What the vocabulary projection of the loss positions starts from: the decoder's hidden states and the
+    lm_head (memory-lean path), or the model's own logits and an identity (plain path: chunk 0, all at once)."""
+    parts = separable_head(model) if chunk_size > 0 else None
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][scored], nn.Identity(), 0
+    decoder, head = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[:, :-1][scored], head, chunk_size
+
+
+def _chunked(fn: Any, head: nn.Module, selected: Tensor, rows: tuple[Tensor, ...], chunk: int, *const: Any) -> list:
+    """``fn(head, hidden, *rows, *const)`` over chunks of ``chunk`` loss positions, each recomputed in backward
+    when it needs a gradient (``chunk`` 0: one call, nothing recomputed); one output (a tensor or a tuple) per call."""
+    if chunk <= 0:
+        return [fn(head, selected, *rows, *const)] if len(selected) else []
+    outputs = []
+    for start in range(0, len(selected), chunk):
+        h, parts = selected[start : start + chunk], [r[start : start + chunk] for r in rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            outputs.append(checkpoint(fn, head, h, *parts, *const, use_reentrant=False))
+        else:
+            outputs.append(fn(head, h, *parts, *const))
+    return outputs
+
+
+def _scatter(values: Tensor, scored: Tensor) -> Tensor:
+    """[N] values of the loss positions as [B, T] aligned with ``input_ids`` (0 elsewhere)."""
+    out = torch.zeros((scored.shape[0], scored.shape[1] + 1), dtype=torch.float32, device=scored.device)
+    return out.masked_scatter(nn.functional.pad(scored, (1, 0)), values)
 
 
 def target_logprobs(
@@ -62,21 +126,56 @@ def target_logprobs(
     """
     scored = loss_mask[:, 1:]
     targets = input_ids[:, 1:][scored]
-    parts = separable_head(model) if chunk_size > 0 else None
-    if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logp = _chunk_logprobs(nn.Identity(), logits[:, :-1][scored], targets, sampling)
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        selected = hidden[:, :-1][scored]
-        chunks = []
-        for start in range(0, len(targets), chunk_size):
-            h, y = selected[start : start + chunk_size], targets[start : start + chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                chunks.append(checkpoint(_chunk_logprobs, head, h, y, sampling, use_reentrant=False))
-            else:
-                chunks.append(_chunk_logprobs(head, h, y, sampling))
-        logp = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    return out.masked_scatter(nn.functional.pad(scored, (1, 0)), logp)
+    selected, head, chunk = _loss_positions(model, input_ids, attention_mask, scored, chunk_size)
+    chunks = _chunked(_chunk_logprobs, head, selected, (targets,), chunk, sampling)
+    logp = torch.cat(chunks) if chunks else selected.new_zeros(0, dtype=torch.float32)
+    return _scatter(logp, scored)
+
+
+def topk_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, ids: Tensor, chunk_size: int = 256
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's side of distillation, on the same memory-lean path as ``target_logprobs``.
+
+    Args:
+        model, input_ids, attention_mask, loss_mask, chunk_size: as for ``target_logprobs``.
+        ids: [N, k] token ids per loss position (N: the loss tokens in row-major order), e.g. a teacher's top k.
+
+    Returns:
+        [B, T] log-probs of the targets (as ``target_logprobs``), [N, k] log-probs at ``ids`` and [N] the log-mass
+        outside them, float32, differentiable w.r.t. the model.
+    """
+    scored = loss_mask[:, 1:]
+    targets = input_ids[:, 1:][scored]
+    selected, head, chunk = _loss_positions(model, input_ids, attention_mask, scored, chunk_size)
+    parts = _chunked(_chunk_topk, head, selected, (targets, ids), chunk)
+    empty = selected.new_zeros(0, dtype=torch.float32)
+    logp, at_ids, tail = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty.view(0, ids.shape[1]), empty)
+    return _scatter(logp, scored), at_ids, tail
+
+
+def teacher_topk(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    k: int,
+    chunk_size: int = 256,
+    sampling: SamplingSettings | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A teacher's side of distillation: per loss position, its ``k`` most likely next tokens.
+
+    Returns:
+        [B, T] log-probs of the targets under ``sampling`` (as ``target_logprobs``); and, of the raw distribution,
+        [N, k] top-k ids (long) and log-probs, most likely first, and [N] the log-mass outside them (-inf when k is
+        the vocabulary). k larger than the vocabulary is taken as the vocabulary.
+    """
+    scored = loss_mask[:, 1:]
+    targets = input_ids[:, 1:][scored]
+    selected, head, chunk = _loss_positions(model, input_ids, attention_mask, scored, chunk_size)
+    parts = _chunked(_chunk_teacher, head, selected, (targets,), chunk, sampling, k)
+    if not parts:
+        empty = selected.new_zeros(0, dtype=torch.float32)
+        return _scatter(empty, scored), empty.view(0, k).long(), empty.view(0, k), empty
+    logp, ids, values, tail = (torch.cat(p) for p in zip(*parts))
+    return _scatter(logp, scored), ids, values, tail

@@ -54,11 +54,26 @@ def nll_sum(tokens: TokenBatch) -> Tensor:
     return -(tokens.logp * tokens.mask).sum()
 
 
-def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Normalizer = "tokens") -> LossTerms:
+def loss_terms(
+    strategy: WeightingStrategy,
+    tokens: TokenBatch,
+    normalizer: Normalizer = "tokens",
+    per_token: Tensor | None = None,
+    extra_metrics: dict[str, Tensor] | None = None,
+) -> LossTerms:
     """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and diagnostics.
 
+    Args:
+        strategy: the weighting strategy.
+        tokens: the scored micro-batch.
+        normalizer: what the step's loss is divided by (see ``PearModule``).
+        per_token: [B, T] the loss of each token that the weights multiply, with grad (distillation's KL, see
+            ``distill``); None: the strategy's own token losses, −weight · log π_θ by default.
+        extra_metrics: diagnostics logged beside the strategy's (the KL term's).
+
     Raises:
-        PearError: if the strategy needs behaviour log-probs and the batch has none.
+        PearError: if the strategy needs behaviour log-probs and the batch has none, or if it defines its own
+            ``token_losses`` and ``per_token`` is given.
     """
     if strategy.requires_behavior_logp and tokens.behavior_logp is None:
         raise PearError(
@@ -66,23 +81,27 @@ def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Norm
             "every response token) and the training data has none: add `token_ids` and `logprobs` columns "
             "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
         )
+    own_losses = type(strategy).token_losses is not WeightingStrategy.token_losses
+    if per_token is not None and own_losses:
+        raise PearError(
+            f"weighting {type(strategy).__name__} defines its own token_losses (a loss other than weight × NLL), which "
+            "a distillation loss (model.loss kl or nll+kl) cannot use: there the strategy's weights multiply each "
+            "token's KL; use model.loss nll with it, or a strategy that defines only weights"
+        )
     weights = strategy.weights(tokens)
     num_tokens = tokens.mask.sum().float()
     with torch.no_grad():
-        metrics = strategy.metrics(tokens, weights)
+        metrics = {**strategy.metrics(tokens, weights), **(extra_metrics or {})}
+    if per_token is not None:
+        losses = torch.where(tokens.mask, weights * per_token, torch.zeros_like(per_token))
+    else:
+        losses = strategy.token_losses(tokens) if own_losses else weighted_losses(tokens, weights)
     return LossTerms(
         tokens=tokens,
         weights=weights,
-        total=_token_losses(strategy, tokens, weights).sum(),
+        total=losses.sum(),
         normalizer=weights.sum() if normalizer == "weights" else num_tokens,
         nll=nll_sum(tokens).detach(),
         num_tokens=num_tokens,
         metrics=metrics,
     )
-
-
-def _token_losses(strategy: WeightingStrategy, tokens: TokenBatch, weights: Tensor) -> Tensor:
-    """The strategy's per-token losses: from ``weights`` when it keeps the default ``token_losses``, else its own."""
-    if type(strategy).token_losses is WeightingStrategy.token_losses:
-        return weighted_losses(tokens, weights)
-    return strategy.token_losses(tokens)

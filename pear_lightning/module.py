@@ -15,10 +15,11 @@ from transformers import PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
-from .diagnostics import StepDiagnostics
+from .diagnostics import StepDiagnostics, log_nll
+from .distill import LossKind, score
 from .logprobs import target_logprobs
 from .lora import LoraSettings
-from .loss import LossTerms, Normalizer, loss_terms, nll_sum
+from .loss import LossTerms, Normalizer, loss_terms
 from .model import check_checkpoint, load_model, trainable_keys
 from .processing import SamplingSettings
 from .schedule import build_optimization
@@ -38,6 +39,8 @@ class PearModule(L.LightningModule):
     Args:
         model_name_or_path: a Hugging Face hub name or a local folder holding a causal LM.
         weighting: the weighting strategy, by class name (``UniformSFT``) or with arguments.
+        loss: each token's loss: ``nll`` (SFT), ``kl`` (KL from the cached teacher's top k: distillation, see
+            ``distill``) or ``nll+kl`` (their sum); the weights multiply it, IS ratios still use the data token.
         loss_normalizer: what the step's summed token losses are divided by: ``tokens``, its loss tokens (a weight
             below 1 shrinks that token's gradient), or ``weights``, Σ weights (self-normalised: only ratios matter).
         logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
@@ -62,6 +65,7 @@ class PearModule(L.LightningModule):
         self,
         model_name_or_path: str,
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
+        loss: LossKind = "nll",
         loss_normalizer: Normalizer = "tokens",
         logprob_chunk_size: int = 256,
         lora: LoraSettings | None = None,
@@ -127,8 +131,10 @@ class PearModule(L.LightningModule):
         return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
 
     def loss_terms(self, batch: dict[str, Any]) -> LossTerms:
-        """Score a batch and weigh it with the strategy (see ``loss.loss_terms``)."""
-        return loss_terms(self.weighting, self.token_batch(batch), self.hparams.loss_normalizer)
+        """Score a batch and weigh it with the strategy (see ``loss.loss_terms``; ``distill.score`` for the KL)."""
+        hp = self.hparams
+        scored = (self.token_batch(batch),) if hp.loss == "nll" else score(self.model, batch, hp.loss, self.chunk_size)
+        return loss_terms(self.weighting, scored[0], hp.loss_normalizer, *scored[1:])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``)."""
@@ -167,17 +173,11 @@ class PearModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Accumulate the token-mean negative log-likelihood of the validation responses as ``val/loss``."""
-        self._log_nll(batch, self.val_nll, "val/loss")
+        log_nll(self, batch, self.val_nll, "val/loss")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Accumulate the token-mean negative log-likelihood of the test responses as ``test/loss``."""
-        self._log_nll(batch, self.test_nll, "test/loss")
-
-    def _log_nll(self, batch: dict[str, Any], metric: MeanMetric, name: str) -> None:
-        tokens = self.token_batch(batch)
-        num_tokens = tokens.mask.sum()
-        metric.update(nll_sum(tokens) / num_tokens.clamp(min=1), weight=num_tokens)
-        self.log(name, metric, prog_bar=name == "val/loss", batch_size=len(batch["ids"]))
+        log_nll(self, batch, self.test_nll, "test/loss")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` (under ``scoring``; -inf: outside its kept set) of
@@ -189,11 +189,9 @@ class PearModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """The configured optimizer over the trainable parameters, and its schedule if any, stepped every optimizer step
         (a length the config leaves out is the run's, see ``schedule.build_optimization``)."""
-        params, run_steps = [p for p in self.parameters() if p.requires_grad], self._run_steps
-        optimizer, scheduler = build_optimization(params, self.hparams.optimizer, self.hparams.lr_scheduler, run_steps)
+        params = [p for p in self.parameters() if p.requires_grad]
+        hp, run_steps = self.hparams, lambda: self.trainer.estimated_stepping_batches
+        optimizer, scheduler = build_optimization(params, hp.optimizer, hp.lr_scheduler, run_steps)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _run_steps(self) -> float:
-        return self.trainer.estimated_stepping_batches

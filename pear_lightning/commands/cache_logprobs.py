@@ -5,8 +5,11 @@ tokens are exactly the ones training will see; ``--model.model_name_or_path`` na
 model, and ``--trainer.devices`` / ``--trainer.strategy ddp`` / ``--trainer.precision`` spread and
 speed up the scoring. Each split is scored under the distribution that sampled it (``data.sampling``,
 or what a ``generate`` folder records: temperature, top-k, top-p, min-p), so the log-probs are log q(y)
-of that distribution; a response token outside its kept set is an error. Shards are written one at a
-time, atomically; a run that is stopped resumes where it was, and a finished cache is never overwritten.
+of that distribution; a response token outside its kept set is an error. With ``--teacher_top_k K`` each
+response token also gets a teacher's K most likely next tokens, their log-probs and the log-mass outside them
+(``--teacher``, by default the behaviour model; see ``pear_lightning.teacher``), for distillation (``model.loss kl``).
+Shards are written one at a time, atomically; a run that is stopped resumes where it was, and a finished cache is
+never overwritten.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
@@ -39,22 +42,37 @@ from ..cache import (
 from ..checks import check_unique_ids
 from ..collate import collate
 from ..data import PearDataModule
+from ..distill import TEACHER_COLUMNS
 from ..errors import PearError
 from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from ..module import PearModule
 from ..preflight import check_writable
 from ..processing import SamplingSettings
+from ..teacher import TeacherScorer, teacher_entry
 
 
 class CacheCLI(PearCLI):
     """The run's config plus the cache's own options."""
 
     def add_arguments_to_parser(self, parser: PearArgumentParser) -> None:
-        """Add ``--output``, ``--shard_size`` and ``--splits``."""
+        """Add ``--output``, ``--shard_size``, ``--splits`` and the teacher's options."""
         super().add_arguments_to_parser(parser)
         parser.add_argument("--output", type=str, required=True, help="The cache folder to write (or to finish).")
         parser.add_argument("--shard_size", type=int, default=10_000, help="Examples per Parquet shard.")
         parser.add_argument(
             "--splits", type=list[str], default=["train"], help="The data splits to score (training uses `train`)."
+        )
+        parser.add_argument(
+            "--teacher_top_k", type=int, default=0, help="Store a teacher's top k per response token (0: none)."
+        )
+        parser.add_argument(
+            "--teacher", type=str | None, default=None, help="The teacher model (default: the behaviour model)."
+        )
+        parser.add_argument(
+            "--teacher_dtype",
+            type=Literal["float32", "float16"],
+            default="float32",
+            help="float32 or float16: the top-k log-probs' type.",
         )
 
 
@@ -72,6 +90,7 @@ def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]
         "tokenizer_fingerprint": tokenizer_fingerprint(data.load_tokenizer()),
         "max_length": data.max_length,
         "precision": str(cli.trainer.precision),
+        "teacher": teacher_of(cli, model_path, data),
         "splits": {
             split: {
                 "data_path": data.paths[split],
@@ -84,12 +103,41 @@ def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]
     }
 
 
-def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
+def teacher_of(cli: CacheCLI, behavior: str, data: PearDataModule) -> dict[str, Any] | None:
+    """The manifest's ``teacher`` entry, or None without ``--teacher_top_k``."""
+    if not cli.config.teacher_top_k:
+        return None
+    path, trust = cli.config.teacher or behavior, cli.model.hparams.trust_remote_code
+    return teacher_entry(path, cli.config.teacher_top_k, cli.config.teacher_dtype, data.load_tokenizer(), trust)
+
+
+def scorers(cli: CacheCLI, teacher: dict[str, Any] | None) -> list[PearModule]:
+    """The modules whose predictions make a shard's rows: the behaviour model's; with a teacher, the teacher's, which
+    also gives the behaviour log-probs when it is the behaviour model."""
+    if teacher is None:
+        return [cli.model]
+    hp = cli.model.hparams
+    scorer = TeacherScorer(teacher["model"], teacher["top_k"], hp.logprob_chunk_size, hp.trust_remote_code)
+    return [scorer] if teacher["model"] == hp.model_name_or_path else [cli.model, scorer]
+
+
+def score(cli: CacheCLI, subset: Dataset, modules: list[PearModule], sampling: SamplingSettings) -> list[dict]:
+    """Score ``subset`` with each of ``modules`` in turn (the behaviour log-probs from the first, under ``sampling``;
+    the teacher's columns from the last) and return the merged rows, in ``subset``'s order, on every rank."""
+    rows = [dict(row) for row in _score(cli, subset, modules[0], sampling)]
+    for module in modules[1:]:
+        for row, scored in zip(rows, _score(cli, subset, module, None)):
+            row.update({c: scored[c] for c in TEACHER_COLUMNS})
+    return rows
+
+
+def _score(cli: CacheCLI, subset: Dataset, module: PearModule, sampling: SamplingSettings | None) -> list[dict]:
     """Score ``subset`` on every rank's share of it and return all rows, in ``subset``'s order, on every rank."""
+    module.scoring = sampling
     data: PearDataModule = cli.datamodule
     collate_fn = partial(collate, pad_id=data.load_tokenizer().pad_token_id)
     loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, num_workers=data.num_workers)
-    predictions = cli.trainer.predict(cli.model, dataloaders=loader, return_predictions=True) or []
+    predictions = cli.trainer.predict(module, dataloaders=loader, return_predictions=True) or []
     rows = [row for prediction in predictions for row in prediction_rows(prediction)]
     if cli.trainer.world_size > 1:
         gathered: list[list[dict[str, Any]]] = [[] for _ in range(cli.trainer.world_size)]
@@ -136,6 +184,8 @@ def run(args: list[str]) -> None:
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
         write_json(progress, inputs)
+    modules = scorers(cli, inputs["teacher"])
+    teacher_dtype = inputs["teacher"]["dtype"] if inputs["teacher"] else None
 
     shards: dict[str, list[dict[str, Any]]] = {}
     tokens: dict[str, int] = {}
@@ -144,11 +194,11 @@ def run(args: list[str]) -> None:
         for k, start in enumerate(range(0, len(dataset), shard_size)):
             shard = {"file": f"{split}-{k:05d}.parquet", "rows": min(shard_size, len(dataset) - start)}
             if shard_rows(output / shard["file"]) != shard["rows"]:  # missing, or cut short by a crash
-                cli.model.scoring = data.sampling_of(split)
-                rows = score(cli, dataset.select(range(start, start + shard["rows"])))
-                check_kept(rows, data.paths[split], cli.model.scoring)
+                sampling = data.sampling_of(split)
+                rows = score(cli, dataset.select(range(start, start + shard["rows"])), modules, sampling)
+                check_kept(rows, data.paths[split], sampling)
                 if is_main:
-                    write_shard(output / shard["file"], rows)
+                    write_shard(output / shard["file"], rows, teacher_dtype)
                 rank_zero_info(f"{output / shard['file']}: {len(rows)} examples scored")
             shards[split].append(shard)
         tokens[split] = sum(dataset["num_loss_tokens"])
@@ -182,11 +232,14 @@ def check_kept(rows: list[dict[str, Any]], path: str, sampling: SamplingSettings
 
 
 def prediction_rows(prediction: dict[str, Any]) -> list[dict[str, Any]]:
-    """One ``{"id", "token_ids", "logprobs"}`` row per example of a ``PearModule.predict_step`` output."""
-    token_ids, logprobs = prediction["token_ids"].tolist(), prediction["logprobs"].tolist()
+    """One ``{"id", "token_ids", "logprobs"}`` row per example of a ``PearModule.predict_step`` output (with a
+    ``TeacherScorer``'s, the teacher columns too: each token's top-k flattened, token-major)."""
+    columns = ["token_ids", "logprobs", *(c for c in TEACHER_COLUMNS if c in prediction)]
+    flat = {c: prediction[c].flatten().tolist() for c in columns}
+    width = {c: prediction[c].shape[1] if prediction[c].dim() == 2 else 1 for c in columns}
     ends = prediction["lengths"].cumsum(0).tolist()
     starts = [0, *ends[:-1]]
     return [
-        {"id": ex_id, "token_ids": token_ids[start:end], "logprobs": logprobs[start:end]}
+        {"id": ex_id, **{c: flat[c][start * width[c] : end * width[c]] for c in columns}}
         for ex_id, start, end in zip(prediction["ids"], starts, ends)
     ]
