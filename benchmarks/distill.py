@@ -1,0 +1,161 @@
+"""Distillation on the embedded demo: accuracy of ``kl`` + TokenIS against UniformSFT in the same steps, the cache's
+size per token with the teacher's top-k, and the training-step time of the KL against NLL.
+
+    python -m benchmarks.distill [--seeds 0 1 2] [--steps 500] [--repeats 5] [--top-k 20] [--uniform-kl]
+
+1. Caches of the demo's 4000 training examples (teacher = the behaviour policy): behaviour log-probs only, and with
+   the top-k in fp32 and in fp16; Parquet bytes per response token.
+2. ``fit`` (subprocesses, one at a time): ``--config demo`` (UniformSFT, nll) and ``configs/demo-distill.yaml``
+   (TokenIS, kl), and with ``--uniform-kl`` ``kl`` + UniformSFT too (to tell the loss from the weighting apart);
+   same seed, steps and everything else; greedy ``val/accuracy`` (200 held-out problems) at each validation.
+3. Step time of ``PearModule.loss_terms`` + backward + AdamW on the same batches (demo student, batch 32, fp32):
+   UniformSFT nll, TokenIS nll, TokenIS kl, TokenIS nll+kl, in a new random order each round.
+
+Writes ``benchmarks/results/distill.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.strategies import TokenIS, UniformSFT
+
+from .common import spread, with_range, write_results
+from .strategy_overhead import time_steps
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "pear_lightning" / "demo"
+ARMS = {  # name: extra fit arguments (after the config)
+    "UniformSFT, nll (--config demo)": ["--config", "demo"],
+    "TokenIS, kl (configs/demo-distill.yaml)": ["--config", "configs/demo-distill.yaml"],
+    "UniformSFT, kl": ["--config", "configs/demo-distill.yaml", "--model.weighting", "UniformSFT"],
+}
+STEP_ARMS = {
+    "UniformSFT, nll": (UniformSFT(), "nll"),
+    "TokenIS, nll": (TokenIS(), "nll"),
+    "TokenIS, kl": (TokenIS(), "kl"),
+    "TokenIS, nll+kl": (TokenIS(), "nll+kl"),
+}
+
+
+def make_cache(output: Path, *extra: str) -> dict:
+    """Run cache_logprobs on the demo's training split; its seconds, Parquet bytes and response tokens."""
+    start = time.perf_counter()
+    args = ["cache_logprobs", "--config", "demo", "--model.model_name_or_path", str(DEMO / "assets" / "behavior")]
+    subprocess.run([sys.executable, "-m", "pear_lightning", *args, "--output", str(output), *extra], check=True)
+    tokens = json.loads((output / "manifest.json").read_text())["tokens"]["train"]
+    size = sum(f.stat().st_size for f in output.glob("*.parquet"))
+    return {"seconds": time.perf_counter() - start, "bytes": size, "tokens": tokens, "bytes_per_token": size / tokens}
+
+
+def fit_accuracy(extra: list[str], cache: Path, seed: int, steps: int, logs: Path) -> dict[int, float]:
+    """Greedy val/accuracy by step of one ``fit`` run."""
+    name = f"run{len(list(logs.glob('run*')))}"
+    args = [*extra, "--data.logprobs_path", str(cache), "--seed_everything", str(seed)]
+    args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(steps // 4, 1))]
+    args += ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
+    args += ["--trainer.enable_progress_bar", "false"]
+    subprocess.run([sys.executable, "-m", "pear_lightning", "fit", *args], cwd=REPO, check=True)
+    metrics = next((logs / name).glob("version_*/metrics.csv"))
+    rows = [r for r in csv.DictReader(open(metrics)) if r.get("val/accuracy")]
+    return {int(r["step"]): float(r["val/accuracy"]) for r in rows}
+
+
+def step_times(cache: Path, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per training step of each ``STEP_ARMS`` entry, per round."""
+    data = PearDataModule(
+        train_path=str(DEMO / "data" / "train.jsonl"),
+        tokenizer_name_or_path=str(DEMO / "assets" / "student"),
+        logprobs_path=str(cache),
+        batch_size=32,
+    )
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    batches = [next(loader) for _ in range(steps)]
+    module = PearModule(str(DEMO / "assets" / "student"))
+    module.configure_model()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    names, rng = list(STEP_ARMS), random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats + 1):  # the first round warms up
+        rng.shuffle(names)
+        for name in names:
+            module.weighting, module.hparams.loss = STEP_ARMS[name]
+            seconds = time_steps(module, optimizer, batches, steps if round_ else 3)
+            if round_:
+                times[name].append(seconds)
+    return times
+
+
+def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: bool) -> None:
+    """Run the three parts and write the results."""
+    root = Path(tempfile.mkdtemp(prefix="pear-distill-"))
+    caches = {
+        "behaviour log-probs only": make_cache(root / "plain"),
+        f"+ teacher top-{top_k}, fp32": make_cache(root / "fp32", "--teacher_top_k", str(top_k)),
+        f"+ teacher top-{top_k}, fp16": make_cache(
+            root / "fp16", "--teacher_top_k", str(top_k), "--teacher_dtype", "float16"
+        ),
+    }
+    arms = {name: extra for name, extra in ARMS.items() if uniform_kl or name != "UniformSFT, kl"}
+    accuracy = {name: {} for name in arms}
+    for seed in seeds:
+        for name, extra in arms.items():
+            accuracy[name][seed] = fit_accuracy(extra, root / "fp32", seed, steps, root / "logs")
+    times = step_times(root / "fp32", repeats, 20)
+    base = times["TokenIS, nll"]
+    ratios = {name: [t / b for t, b in zip(times[name], base)] for name in times}
+    report = {
+        "settings": {"seeds": seeds, "steps": steps, "repeats": repeats, "top_k": top_k, "batch_size": 32},
+        "cache": caches,
+        "val_accuracy": {name: {str(s): by_step for s, by_step in runs.items()} for name, runs in accuracy.items()},
+        "seconds_per_step": times,
+        "step_ratio_to_tokenis_nll": {name: spread(r) for name, r in ratios.items()},
+    }
+    plain = caches["behaviour log-probs only"]["bytes_per_token"]
+    lines = [
+        f"Distillation on the demo (teacher = the behaviour policy, top-{top_k}), {torch.get_num_threads()} CPU "
+        f"threads (`python -m benchmarks.distill --seeds {' '.join(map(str, seeds))} --steps {steps} --repeats "
+        f"{repeats} --top-k {top_k}{' --uniform-kl' if uniform_kl else ''}`).",
+        "",
+        f"Greedy val/accuracy (200 held-out problems) after {steps} steps, same seed, data order and schedule:",
+        "",
+        f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for name, runs in accuracy.items():
+        finals = [runs[s][max(runs[s])] for s in seeds]
+        lines.append(f"| {name} | {' | '.join(f'{a:.3f}' for a in finals)} | {statistics.mean(finals):.3f} |")
+    lines += ["", "Cache size, demo train split (Parquet, snappy):", ""]
+    lines += ["| cache | bytes / response token | teacher columns, bytes / token | scoring s |", "|---|---|---|---|"]
+    for name, c in caches.items():
+        extra = c["bytes_per_token"] - plain
+        lines.append(f"| {name} | {c['bytes_per_token']:.1f} | {extra:.1f} | {c['seconds']:.0f} |")
+    lines += ["", f"Training-step time, median (min–max) of {repeats} rounds of 20 steps (batch 32, fp32):", ""]
+    lines += ["| loss | ms / step | ratio to TokenIS nll in the same round |", "|---|---|---|"]
+    for name in STEP_ARMS:
+        lines.append(f"| {name} | {with_range([1000 * t for t in times[name]], 1)} | {with_range(ratios[name])} |")
+    write_results("distill", report, lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--uniform-kl", action="store_true", help="also train kl + UniformSFT")
+    args = parser.parse_args()
+    main(args.seeds, args.steps, args.repeats, args.top_k, args.uniform_kl)
