@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import TokenIS, UniformSFT
 
 from .common import spread, with_range, write_results
-from .strategy_overhead import time_steps
+from .strategy_overhead import demo_student, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pear_lightning" / "demo"
@@ -75,18 +74,7 @@ def fit_accuracy(extra: list[str], cache: Path, seed: int, steps: int, logs: Pat
 
 def step_times(cache: Path, repeats: int, steps: int) -> dict[str, list[float]]:
     """Seconds per training step of each ``STEP_ARMS`` entry, per round."""
-    data = PearDataModule(
-        train_path=str(DEMO / "data" / "train.jsonl"),
-        tokenizer_name_or_path=str(DEMO / "assets" / "student"),
-        logprobs_path=str(cache),
-        batch_size=32,
-    )
-    data.setup("fit")
-    loader = iter(data.train_dataloader())
-    batches = [next(loader) for _ in range(steps)]
-    module = PearModule(str(DEMO / "assets" / "student"))
-    module.configure_model()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    module, optimizer, batches = demo_student(steps, str(cache))
     names, rng = list(STEP_ARMS), random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats + 1):  # the first round warms up

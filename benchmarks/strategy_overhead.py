@@ -45,19 +45,25 @@ def time_steps(module: PearModule, optimizer: torch.optim.Optimizer, batches: li
     return (time.perf_counter() - start) / steps
 
 
-def main(repeats: int, steps: int) -> None:
-    """Run the benchmark and write its results."""
+def demo_student(steps: int, logprobs_path: str | None = None) -> tuple[PearModule, torch.optim.Optimizer, list]:
+    """The demo student with AdamW, and ``steps`` training batches of 32 demo examples (joined to a cache if given)."""
     data = PearDataModule(
         train_path=str(DEMO / "data" / "train.jsonl"),
         tokenizer_name_or_path=str(DEMO / "assets" / "student"),
         batch_size=32,
+        logprobs_path=logprobs_path,
     )
     data.setup("fit")
     loader = iter(data.train_dataloader())
     batches = [next(loader) for _ in range(steps)]
     module = PearModule(str(DEMO / "assets" / "student"))
     module.configure_model()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    return module, torch.optim.AdamW(module.parameters(), lr=1e-4), batches
+
+
+def main(repeats: int, steps: int) -> None:
+    """Run the benchmark and write its results."""
+    module, optimizer, batches = demo_student(steps)
     names = list(STRATEGIES)
     times: dict[str, list[float]] = {name: [] for name in names}
     rng = random.Random(0)

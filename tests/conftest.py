@@ -117,6 +117,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def in_process(args: list[str]) -> None:
+    """Run the command line in this process with pytest's own arguments out of its way (for module fixtures)."""
+    from pear_lightning.cli import main
+
+    argv, sys.argv = sys.argv, ["pear_lightning"]
+    try:
+        main(args)
+    finally:
+        sys.argv = argv
+
+
 def assert_refused(args: list[str], capsys, run_dir: Path, expected: str) -> None:
     """The command stops with exit status 2, ``error: <expected>`` as its one error line, no traceback, and
     nothing trained under ``run_dir``."""

@@ -3,74 +3,34 @@ resume, and the join's refusals of spoilt top-k columns before the first step.""
 
 import json
 import shutil
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import test_cache
 import torch
-from conftest import BEHAVIOR, DEMO, REPO, STUDENT, assert_refused, run_cli, write_jsonl
+from conftest import BEHAVIOR, STUDENT, assert_refused, in_process, run_cli
+from test_cache import ADVICE, REDO, read_cache
+from test_cache import cache_args as behaviour_cache_args
+from test_cache import fit_args as token_is_fit_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning.cache import PROGRESS
-from pear_lightning.cli import main
 
 K = 8
-ADVICE = (
-    "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, "
-    "chat template and max_length), or set data.drop_misaligned true to train without them"
-)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill-cache")
-    rows = [json.loads(line) for line in open(DEMO / "data" / "val.jsonl")]
-    write_jsonl(root / "train.jsonl", rows[:60])
-    write_jsonl(root / "val.jsonl", rows[60:80])
-    return root
+workdir = test_cache.workdir  # the fixture: the same 120 + 30 demo rows
 
 
 def cache_args(workdir, output, *extra):
-    return [
-        "cache_logprobs",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        "--model.model_name_or_path",
-        str(BEHAVIOR),
-        "--data.train_path",
-        str(workdir / "train.jsonl"),
-        "--data.val_path",
-        str(workdir / "val.jsonl"),
-        "--data.batch_size",
-        "16",
-        "--output",
-        str(output),
-        "--shard_size",
-        "25",
-        "--teacher_top_k",
-        str(K),
-        *extra,
-    ]
-
-
-def make(args):
-    argv, sys.argv = sys.argv, ["pear_lightning"]
-    try:
-        main(args)
-    finally:
-        sys.argv = argv
+    """test_cache's cache (shards of 50: train 50, 50, 20; val 30) with the teacher's top K."""
+    return behaviour_cache_args(workdir, output, "--teacher_top_k", str(K), *extra)
 
 
 @pytest.fixture(scope="module")
 def cache(workdir):
-    """Teacher = the behaviour model, fp32: 3 shards (25, 25, 10)."""
-    make(cache_args(workdir, workdir / "cache"))
+    """Teacher = the behaviour model, fp32."""
+    in_process(cache_args(workdir, workdir / "cache"))
     return workdir / "cache"
-
-
-def read_cache(folder):
-    return {f.name: pq.read_table(f).to_pylist() for f in sorted(folder.glob("*.parquet"))}
 
 
 def dense_topk(model_dir, rows, k):
@@ -97,7 +57,7 @@ def test_the_cache_holds_the_teachers_topk_and_the_behaviour_logprobs(workdir, c
         "dtype": "float32",
         "vocab_size": 301,
     }
-    shipped = {r["id"]: r for r in map(json.loads, open(workdir / "train.jsonl"))}
+    shipped = {r["id"]: r for split in ("train", "val") for r in map(json.loads, open(workdir / f"{split}.jsonl"))}
     reference = dense_topk(BEHAVIOR, shipped.values(), K)
     for row in (r for rows in read_cache(cache).values() for r in rows):
         ids, values, tail = reference[row["id"]]
@@ -114,14 +74,15 @@ def test_the_cache_holds_the_teachers_topk_and_the_behaviour_logprobs(workdir, c
 
 def test_another_teacher_in_fp16_is_recorded_beside_the_behaviour_model(workdir, cache):
     output = workdir / "student-teacher"
-    make(cache_args(workdir, output, "--teacher", str(STUDENT), "--teacher_dtype", "float16"))
+    in_process(cache_args(workdir, output, "--teacher", str(STUDENT), "--teacher_dtype", "float16"))
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["behavior_model"] == str(BEHAVIOR) and manifest["teacher"]["model"] == str(STUDENT)
     assert manifest["teacher"]["dtype"] == "float16"
     assert manifest["teacher"]["model_config_fingerprint"] != manifest["behavior_model_config_fingerprint"]
     assert pq.read_schema(output / "train-00000.parquet").field("teacher_topk_logprobs").type == pa.list_(pa.float16())
     ours, behaviour_only = read_cache(output), read_cache(cache)
-    reference = dense_topk(STUDENT, map(json.loads, open(workdir / "train.jsonl")), K)
+    rows = [json.loads(line) for split in ("train", "val") for line in open(workdir / f"{split}.jsonl")]
+    reference = dense_topk(STUDENT, rows, K)
     for name, rows in ours.items():
         for row, same in zip(rows, behaviour_only[name]):
             assert row["logprobs"] == same["logprobs"]  # π_β still from the behaviour model
@@ -164,26 +125,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_is_written
 
 
 def fit_args(workdir, cache, tmp_path, *extra):
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        "--data.train_path",
-        str(workdir / "train.jsonl"),
-        "--data.val_path",
-        str(workdir / "val.jsonl"),
-        "--data.logprobs_path",
-        str(cache),
-        "--model.loss",
-        "kl",
-        "--model.weighting",
-        "TokenIS",
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        *extra,
-    ]
+    return [*token_is_fit_args(workdir, cache, tmp_path), "--model.loss", "kl", *extra]
 
 
 def test_kl_with_token_is_trains_and_logs_the_kl_diagnostics(workdir, cache, tmp_path, capsys, run_dir):
@@ -248,14 +190,11 @@ TOPK_BAD = (
 )
 def test_a_spoilt_topk_row_stops_training(workdir, cache, tmp_path, capsys, run_dir, shard, index, change, clause):
     spoilt, spoilt_id = spoil(cache, tmp_path, shard, index, change)
-    row = 25 * int(shard[len("train-") : -len(".parquet")]) + index + 1
-    assert_refused(
-        fit_args(workdir, spoilt, tmp_path),
-        capsys,
-        tmp_path,
-        f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 60 examples cannot be joined to their behaviour log-probs: "
-        f"1 {clause} (first: row {row} (id {spoilt_id})). {ADVICE}",
-    )
+    row = 50 * int(shard[len("train-") : -len(".parquet")]) + index + 1
+    where = f"{workdir / 'train.jsonl'} with {spoilt}"
+    why = f"1 {clause} (first: row {row} (id {spoilt_id})). {ADVICE}"
+    expected = f"{where}: 1 of 120 examples cannot be joined to their behaviour log-probs: {why}"
+    assert_refused(fit_args(workdir, spoilt, tmp_path), capsys, tmp_path, expected)
 
 
 def test_a_cut_shard_stops_training(workdir, cache, tmp_path, capsys, run_dir):
@@ -263,13 +202,8 @@ def test_a_cut_shard_stops_training(workdir, cache, tmp_path, capsys, run_dir):
     shutil.copytree(cache, spoilt)
     shard = spoilt / "train-00001.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert_refused(
-        fit_args(workdir, spoilt, tmp_path),
-        capsys,
-        tmp_path,
-        f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; re-run `python "
-        f"-m pear_lightning cache_logprobs --config <this run's config> --output {spoilt}`",
-    )
+    expected = f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; "
+    assert_refused(fit_args(workdir, spoilt, tmp_path), capsys, tmp_path, expected + REDO.format(spoilt))
 
 
 def test_kl_without_a_teacher_cache_is_refused_before_training(workdir, cache, tmp_path, capsys, run_dir):

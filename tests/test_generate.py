@@ -3,16 +3,14 @@ cache_logprobs scores for them; resumable, verifiable, and trained on as they ar
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import BEHAVIOR, REPO, STUDENT, demo_rows, run_cli, write_jsonl
+from conftest import BEHAVIOR, REPO, STUDENT, demo_rows, in_process, run_cli, write_jsonl
 
 from pear_lightning import PearDataModule
 from pear_lightning.cache import PROGRESS
-from pear_lightning.cli import main
 from pear_lightning.demo.task import check_answer
 from pear_lightning.errors import PearError
 from pear_lightning.processing import SamplingSettings
@@ -37,14 +35,6 @@ def cache_args(data, output, *extra):
         *("--config", str(REPO / "configs" / "demo.yaml"), "--model.model_name_or_path", str(BEHAVIOR)),
         *("--data.train_path", str(data), "--data.val_path", "null", "--output", str(output), *extra),
     ]
-
-
-def in_process(args):
-    argv, sys.argv = sys.argv, ["pear_lightning"]
-    try:
-        main(args)
-    finally:
-        sys.argv = argv
 
 
 def read_rows(folder):
