@@ -2,6 +2,7 @@
 size per token with the teacher's top-k, and the training-step time of the KL against NLL.
 
     python -m benchmarks.distill [--seeds 0 1 2] [--steps 500] [--repeats 5] [--top-k 20] [--uniform-kl]
+                                 [--jobs 2] [--threads 1] [--work DIR]
 
 1. Caches of the demo's 4000 training examples (teacher = the behaviour policy): behaviour log-probs only, and with
    the top-k in fp32 and in fp16; Parquet bytes per response token.
@@ -11,7 +12,9 @@ size per token with the teacher's top-k, and the training-step time of the KL ag
 3. Step time of ``PearModule.loss_terms`` + backward + AdamW on the same batches (demo student, batch 32, fp32):
    UniformSFT nll, TokenIS nll, TokenIS kl, TokenIS nll+kl, in a new random order each round.
 
-Writes ``benchmarks/results/distill.{json,md}``.
+Writes ``benchmarks/results/distill.{json,md}``. ``--work DIR`` keeps the caches there and reuses them; ``--jobs``
+runs that many fits at once and ``--threads`` sets each process's torch threads (on a busy machine, fewer threads
+than cores avoid oversubscription).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,18 +55,23 @@ STEP_ARMS = {
 
 
 def make_cache(output: Path, *extra: str) -> dict:
-    """Run cache_logprobs on the demo's training split; its seconds, Parquet bytes and response tokens."""
+    """Run cache_logprobs on the demo's training split (unless ``output`` holds it already, from an earlier run with
+    ``--work``); its seconds, Parquet bytes and response tokens."""
+    if (output / "bench.json").exists():
+        return json.loads((output / "bench.json").read_text())
     start = time.perf_counter()
     args = ["cache_logprobs", "--config", "demo", "--model.model_name_or_path", str(DEMO / "assets" / "behavior")]
     subprocess.run([sys.executable, "-m", "pear_lightning", *args, "--output", str(output), *extra], check=True)
     tokens = json.loads((output / "manifest.json").read_text())["tokens"]["train"]
     size = sum(f.stat().st_size for f in output.glob("*.parquet"))
-    return {"seconds": time.perf_counter() - start, "bytes": size, "tokens": tokens, "bytes_per_token": size / tokens}
+    stats = {"seconds": time.perf_counter() - start, "bytes": size, "tokens": tokens, "bytes_per_token": size / tokens}
+    (output / "bench.json").write_text(json.dumps(stats))
+    return stats
 
 
 def fit_accuracy(extra: list[str], cache: Path, seed: int, steps: int, logs: Path) -> dict[int, float]:
     """Greedy val/accuracy by step of one ``fit`` run."""
-    name = f"run{len(list(logs.glob('run*')))}"
+    name = f"{'-'.join(extra[1:]).replace('/', '_')}-seed{seed}"
     args = [*extra, "--data.logprobs_path", str(cache), "--seed_everything", str(seed)]
     args += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(steps // 4, 1))]
     args += ["--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", name]
@@ -87,9 +97,9 @@ def step_times(cache: Path, repeats: int, steps: int) -> dict[str, list[float]]:
     return times
 
 
-def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: bool) -> None:
+def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: bool, jobs: int, work: str | None) -> None:
     """Run the three parts and write the results."""
-    root = Path(tempfile.mkdtemp(prefix="pear-distill-"))
+    root = Path(work) if work else Path(tempfile.mkdtemp(prefix="pear-distill-"))
     caches = {
         "behaviour log-probs only": make_cache(root / "plain"),
         f"+ teacher top-{top_k}, fp32": make_cache(root / "fp32", "--teacher_top_k", str(top_k)),
@@ -98,10 +108,12 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
         ),
     }
     arms = {name: extra for name, extra in ARMS.items() if uniform_kl or name != "UniformSFT, kl"}
-    accuracy = {name: {} for name in arms}
-    for seed in seeds:
-        for name, extra in arms.items():
-            accuracy[name][seed] = fit_accuracy(extra, root / "fp32", seed, steps, root / "logs")
+    runs = [(name, seed) for seed in seeds for name in arms]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = pool.map(lambda run: fit_accuracy(arms[run[0]], root / "fp32", run[1], steps, root / "logs"), runs)
+        accuracy = {name: {} for name in arms}
+        for (name, seed), by_step in zip(runs, done):
+            accuracy[name][seed] = by_step
     times = step_times(root / "fp32", repeats, 20)
     base = times["TokenIS, nll"]
     ratios = {name: [t / b for t, b in zip(times[name], base)] for name in times}
@@ -116,7 +128,8 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
     lines = [
         f"Distillation on the demo (teacher = the behaviour policy, top-{top_k}), {torch.get_num_threads()} CPU "
         f"threads (`python -m benchmarks.distill --seeds {' '.join(map(str, seeds))} --steps {steps} --repeats "
-        f"{repeats} --top-k {top_k}{' --uniform-kl' if uniform_kl else ''}`).",
+        f"{repeats} --top-k {top_k}{' --uniform-kl' if uniform_kl else ''} --jobs {jobs} --threads "
+        f"{torch.get_num_threads()}`).",
         "",
         f"Greedy val/accuracy (200 held-out problems) after {steps} steps, same seed, data order and schedule:",
         "",
@@ -127,10 +140,9 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
         finals = [runs[s][max(runs[s])] for s in seeds]
         lines.append(f"| {name} | {' | '.join(f'{a:.3f}' for a in finals)} | {statistics.mean(finals):.3f} |")
     lines += ["", "Cache size, demo train split (Parquet, snappy):", ""]
-    lines += ["| cache | bytes / response token | teacher columns, bytes / token | scoring s |", "|---|---|---|---|"]
+    lines += ["| cache | bytes / response token | of which the teacher's columns |", "|---|---|---|"]
     for name, c in caches.items():
-        extra = c["bytes_per_token"] - plain
-        lines.append(f"| {name} | {c['bytes_per_token']:.1f} | {extra:.1f} | {c['seconds']:.0f} |")
+        lines.append(f"| {name} | {c['bytes_per_token']:.1f} | {c['bytes_per_token'] - plain:.1f} |")
     lines += ["", f"Training-step time, median (min–max) of {repeats} rounds of 20 steps (batch 32, fp32):", ""]
     lines += ["| loss | ms / step | ratio to TokenIS nll in the same round |", "|---|---|---|"]
     for name in STEP_ARMS:
@@ -145,5 +157,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--uniform-kl", action="store_true", help="also train kl + UniformSFT")
+    parser.add_argument("--jobs", type=int, default=1, help="fits run at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--work", default=None, help="a folder for the caches and logs, reused when run again")
     args = parser.parse_args()
-    main(args.seeds, args.steps, args.repeats, args.top_k, args.uniform_kl)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the subprocesses
+        torch.set_num_threads(args.threads)
+    main(args.seeds, args.steps, args.repeats, args.top_k, args.uniform_kl, args.jobs, args.work)
