@@ -126,3 +126,20 @@ def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_di
         model, _ = load_model(str(tiny_model_dir), gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_the_summary_counts_parameters_and_the_lora_share(tmp_path, tiny_model_dir, caplog):
+    """One line: every parameter of the model, the trainable ones, and with LoRA the adapters' share."""
+    from pear_lightning.console import ParameterSummary
+    from pear_lightning.lora import LoraSettings
+
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows(4))
+    data = PearDataModule(str(train), tokenizer_name_or_path=str(tiny_model_dir), batch_size=2, max_length=96)
+    module = PearModule(str(tiny_model_dir), lora=LoraSettings(r=2, target_modules=["q_proj"]), optimizer=adamw(1e-3))
+    with caplog.at_level("INFO"):
+        fit_quietly(module, data, max_steps=1, callbacks=[ParameterSummary()])
+    params = list(module.model.parameters())
+    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    assert 0 < trainable < total
+    line = f"model: LlamaForCausalLM, {total:,} parameters; training {trainable:,} ({trainable / total:.2%}, LoRA adapters)"
+    assert line in caplog.text
