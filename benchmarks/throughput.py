@@ -129,9 +129,11 @@ def fit_pear(
     max_steps: int,
     device: str,
     precision: str = "32-true",
+    num_workers: int = 0,
     **module_args,
 ) -> list[float]:
-    """``Trainer.fit`` of PearModule with ``weighting`` on ``data`` in order; the end time of every step."""
+    """``Trainer.fit`` of PearModule with ``weighting`` on ``data`` in order, with ``num_workers`` data-loader
+    processes; the end time of every step."""
     path = data.behavior_path if weighting.requires_behavior_logp else data.plain_path
     datamodule = PearDataModule(
         train_path=str(path),
@@ -139,6 +141,7 @@ def fit_pear(
         batch_size=batch_size,
         max_length=max_length,
         shuffle=False,
+        num_workers=num_workers,
     )
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
     module = PearModule(str(model_dir), weighting=weighting, optimizer=optimizer, **module_args)
@@ -322,22 +325,32 @@ def main(args: argparse.Namespace) -> None:
     write_results("throughput", report, lines, args.device)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The benchmark's settings."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(description: str, steps: int) -> argparse.ArgumentParser:
+    """The settings of a ``Workload`` run: rounds, steps, and the model's and examples' shapes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; every arm runs once per round")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    parser.add_argument("--steps", type=int, default=steps, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them (at least 1)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256, help="mean tokens per example (±50%%)")
     parser.add_argument("--vocab", type=int, default=16_384)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return parser
+
+
+def checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; timing starts at the end of a warm-up step, so there must be one."""
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1: timing starts at the end of a warm-up step")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's settings."""
+    return checked(workload_parser(__doc__, steps=8), argv)
 
 
 if __name__ == "__main__":

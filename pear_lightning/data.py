@@ -16,12 +16,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .cache import load_cache, read_manifest
 from .checks import check_behavior_columns, check_unique_ids, response_ids
 from .collate import collate
-from .distill import TEACHER_COLUMNS
 from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .join import join_behavior
 from .processing import SamplingSettings
 from .render import example_id, tokenize_example, turn_end
-from .sampling import EpochRandomSampler, ResumableLoader
+from .sampling import EpochRandomSampler, ResumableLoader, loader_workers
 from .sources import generated_manifest, load_examples, no_examples
 
 SPLITS = ("train", "val", "test", "predict")
@@ -46,7 +45,8 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: the tokenizer (the CLI sets it to the model's).
         batch_size: examples per micro-batch.
         max_length: tokens kept per example; longer ones are cut at the end and counted.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; by default none on a CPU and 2 on a GPU (measured, see
+            ``sampling.loader_workers``).
         shuffle: shuffle the training examples every epoch (seeded by ``seed_everything``).
         logprobs_path: a cache folder written by ``python -m pear_lightning cache_logprobs``; it takes
             precedence over log-prob columns in the data.
@@ -72,7 +72,7 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: str | None = None,
         batch_size: int = 8,
         max_length: int = 1024,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         shuffle: bool = True,
         logprobs_path: str | None = None,
         token_ids_column: str = "token_ids",
@@ -100,6 +100,7 @@ class PearDataModule(L.LightningDataModule):
         self.trust_remote_code = trust_remote_code
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}  # tokenised; the training split with its joined `behavior_logp`
+        self._tokenized: dict[str, Dataset] = {}  # prepare_data's, reused by setup in the same process
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """Load the tokenizer once; it needs a pad token (else its EOS is used for padding)."""
@@ -138,11 +139,13 @@ class PearDataModule(L.LightningDataModule):
 
     def tokenized(self, split: str) -> Dataset:
         """Load ``split``'s examples, tokenise them (cached by ``datasets``), and drop and count those
-        with no response token left after truncation.
+        with no response token left after truncation (once per process: its messages are not repeated).
 
         Raises:
             PearError: on a missing file, a malformed row, or a split with no trainable example.
         """
+        if split in self._tokenized:
+            return self._tokenized[split]
         path = self.paths[split]
         tokenizer = self.load_tokenizer()
         raw = load_examples(path)
@@ -184,6 +187,7 @@ class PearDataModule(L.LightningDataModule):
                 f"{starts if first else ''}{empty} skipped because no response token was left"
             )
             data = data.filter(lambda n: n > 0, input_columns="num_loss_tokens")
+        self._tokenized[split] = data
         return data
 
     def _report_generated(self, split: str, data: Dataset) -> None:
@@ -226,9 +230,7 @@ class PearDataModule(L.LightningDataModule):
         if self.logprobs_path:
             check_unique_ids(data, path)
             behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path, self.sampling_of(split))
-            teacher = (
-                read_manifest(Path(self.logprobs_path))["teacher"] if TEACHER_COLUMNS[0] in behavior.features else None
-            )
+            teacher = read_manifest(Path(self.logprobs_path)).get("teacher")  # with it, the teacher's top-k columns
             where = f"{path} with {self.logprobs_path}"
         else:
             raw = load_examples(path)
@@ -256,7 +258,7 @@ class PearDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
-            num_workers=self.num_workers,
+            **self._workers(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -270,9 +272,13 @@ class PearDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochRandomSampler(dataset, seed=torch.initial_seed()) if self.shuffle else None,
             collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
-            num_workers=self.num_workers,
+            **self._workers(),
             trained_batches=self._trained_batches,
         )
+
+    def _workers(self) -> dict[str, Any]:
+        device = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+        return loader_workers(self.num_workers, device)
 
     def _trained_batches(self) -> int:
         # `processed`: a checkpoint written in on_train_batch_end is taken before `completed` counts that batch.

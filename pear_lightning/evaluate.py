@@ -6,8 +6,8 @@ import re
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
+from .console import say
 from .errors import PearError
 
 ANSWER_PATTERN = r"####\s*(-?\d+)"  # GSM8K's convention: the final answer after ####
@@ -86,5 +86,5 @@ class AnswerAccuracy(L.Callback):
         totals = torch.tensor([correct, len(indices)], dtype=torch.float64, device=pl_module.device)
         correct_all, count_all = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         accuracy = correct_all / max(count_all, 1)
-        rank_zero_info(f"step {trainer.global_step}: val/accuracy {accuracy:.3f} ({int(correct_all)}/{int(count_all)})")
+        say(trainer, f"step {trainer.global_step}: val/accuracy {accuracy:.3f} ({int(correct_all)}/{int(count_all)})")
         return accuracy

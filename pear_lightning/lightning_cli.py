@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -19,6 +20,7 @@ from pear_lightning.strategies import WeightingStrategy
 
 from .atomic import atomic_write
 from .checkpoint_io import read_checkpoint, use_atomic_checkpoints
+from .console import console_settings
 from .data import PearDataModule
 from .errors import PearError
 from .module import PearModule
@@ -97,13 +99,17 @@ class PearCLI(LightningCLI):
             read_checkpoint(ckpt, "--ckpt_path")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the trainer, with atomic checkpoint writes and ``weights_only`` loads (see ``checkpoint_io``); a
-        setting Lightning refuses is one error."""
+        """Build the trainer, with this project's progress bar and summary (``console``), atomic checkpoint writes
+        and ``weights_only`` loads (``checkpoint_io``); a setting Lightning refuses is one error."""
+        kwargs = {**console_settings(self._get(self.config_init, "trainer", default={})), **kwargs}
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:
             raise PearError(f"trainer: {' '.join(str(err).split())}") from err
         use_atomic_checkpoints(trainer)
+        if trainer.strategy.root_device.type == "cuda" and isinstance(self.model, PearModule):
+            # Now, not in the module's setup: Lightning's hint about it comes before that.
+            torch.set_float32_matmul_precision(self.model.hparams.float32_matmul_precision)
         return trainer
 
     def before_fit(self) -> None:

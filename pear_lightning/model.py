@@ -45,12 +45,22 @@ def load_model(
     except LOAD_ERRORS as err:
         raise load_error("model.model_name_or_path", path, "a causal LM", err) from err
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     if lora is not None:
         model = apply_lora(model, lora)
     # A tied lm_head under FSDP2 is reachable only through the model's own forward.
     chunkable = device_mesh is None or shard_model(model, device_mesh)
     return model.train(), chunkable
+
+
+def _checkpoint_activations(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in backward, through transformers 5's ``activation_checkpointing_enable`` where
+    it exists (its ``gradient_checkpointing_enable`` is deprecated), the older name otherwise."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _quantization(load_in_4bit: bool, lora: LoraSettings | None) -> dict[str, Any]:

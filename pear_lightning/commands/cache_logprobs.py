@@ -48,6 +48,7 @@ from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
 from ..module import PearModule
 from ..preflight import check_writable
 from ..processing import SamplingSettings
+from ..sampling import loader_workers
 from ..teacher import TeacherScorer, teacher_entry
 
 
@@ -136,7 +137,8 @@ def _score(cli: CacheCLI, subset: Dataset, module: PearModule, sampling: Samplin
     module.scoring = sampling
     data: PearDataModule = cli.datamodule
     collate_fn = partial(collate, pad_id=data.load_tokenizer().pad_token_id)
-    loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, num_workers=data.num_workers)
+    workers = loader_workers(data.num_workers, cli.trainer.strategy.root_device.type)
+    loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, **workers)
     predictions = cli.trainer.predict(module, dataloaders=loader, return_predictions=True) or []
     rows = [row for prediction in predictions for row in prediction_rows(prediction)]
     if cli.trainer.world_size > 1:
