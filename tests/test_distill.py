@@ -4,7 +4,6 @@ strategy's weights multiplying it unchanged."""
 import pytest
 import torch
 from conftest import BEHAVIOR, demo_rows
-from plugin_example.pear_plugin_example import LengthNormalizedSFT
 
 from pear_lightning import PearModule
 from pear_lightning.collate import collate as collate_rows
@@ -13,7 +12,16 @@ from pear_lightning.errors import PearError
 from pear_lightning.logprobs import teacher_topk, topk_logprobs
 from pear_lightning.loss import loss_terms
 from pear_lightning.render import tokenize_example
-from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenBatch, TokenIS, TruncatedIS, UniformSFT
+from pear_lightning.strategies import (
+    DFT,
+    BlockIS,
+    SequenceIS,
+    TokenBatch,
+    TokenIS,
+    TruncatedIS,
+    UniformSFT,
+    WeightingStrategy,
+)
 
 
 def collate(tokenizer, rows):
@@ -112,6 +120,14 @@ def test_the_student_as_its_own_teacher_gives_loss_and_gradient_zero(student, ba
     assert terms.nll > 0  # the data tokens are still scored (train/nll, the IS ratios)
 
 
+class RowMeanSFT(WeightingStrategy):
+    """A third-party strategy, as a plugin would define it: weight 1 / (loss tokens of its row)."""
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        mask = batch.mask.float()
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 STRATEGIES = [
     UniformSFT(),
     SequenceIS(),
@@ -119,7 +135,7 @@ STRATEGIES = [
     BlockIS(block_size=3, gamma=0.9),
     DFT(),
     TruncatedIS(cap=1.5),
-    LengthNormalizedSFT(),
+    RowMeanSFT(),
 ]
 
 

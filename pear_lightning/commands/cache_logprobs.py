@@ -106,10 +106,11 @@ def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]
 
 def teacher_of(cli: CacheCLI, behavior: str, data: PearDataModule) -> dict[str, Any] | None:
     """The manifest's ``teacher`` entry, or None without ``--teacher_top_k``."""
-    if not cli.config.teacher_top_k:
+    options = cli.config
+    if not options.get("teacher_top_k"):
         return None
-    path, trust = cli.config.teacher or behavior, cli.model.hparams.trust_remote_code
-    return teacher_entry(path, cli.config.teacher_top_k, cli.config.teacher_dtype, data.load_tokenizer(), trust)
+    path, trust = options.teacher or behavior, cli.model.hparams.trust_remote_code
+    return teacher_entry(path, options.teacher_top_k, options.teacher_dtype, data.load_tokenizer(), trust)
 
 
 def scorers(cli: CacheCLI, teacher: dict[str, Any] | None) -> list[PearModule]:
