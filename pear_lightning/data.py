@@ -42,6 +42,9 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: the tokenizer (the CLI sets it to the model's).
         batch_size: examples per micro-batch.
         max_length: tokens kept per example; longer ones are cut at the end and counted.
+        packing: lay each training micro-batch's examples out several to a row of at most ``max_length`` tokens, with
+            positions restarting per example, instead of one padded row each: fewer padding tokens, the same
+            examples, losses and gradients (attention stays within each example; see ``collate``).
         num_workers: DataLoader worker processes.
         shuffle: shuffle the training examples every epoch (seeded by ``seed_everything``).
         logprobs_path: a cache folder written by ``python -m pear_lightning cache_logprobs``; it takes
@@ -63,6 +66,7 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: str | None = None,
         batch_size: int = 8,
         max_length: int = 1024,
+        packing: bool = False,
         num_workers: int = 0,
         shuffle: bool = True,
         logprobs_path: str | None = None,
@@ -79,6 +83,7 @@ class PearDataModule(L.LightningDataModule):
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.batch_size = batch_size
         self.max_length = max_length
+        self.packing = packing
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.logprobs_path = logprobs_path
@@ -214,11 +219,12 @@ class PearDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise PearError("data.train_path is not set")
         dataset = self.datasets["train"]
+        pack_length = self.max_length if self.packing else None
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochRandomSampler(dataset, seed=torch.initial_seed()) if self.shuffle else None,
-            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
+            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id, pack_length=pack_length),
             num_workers=self.num_workers,
             trained_batches=self._trained_batches,
         )

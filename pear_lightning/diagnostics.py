@@ -30,6 +30,12 @@ class StrategyDiagnostics(torch.nn.ModuleDict):
             module.log(f"train/{name}", metric, on_step=True, on_epoch=True, metric_attribute=f"diagnostics.{name}")
 
 
+def logging_step(trainer: L.Trainer) -> bool:
+    """Whether the current training batch's step is one the loggers write (every ``trainer.log_every_n_steps``)."""
+    every = trainer.log_every_n_steps
+    return every > 0 and (trainer.global_step + 1) % every == 0
+
+
 class TokenThroughput:
     """Non-padding tokens per second of wall time, from one training step to the next (forward, backward,
     optimizer and data loading)."""
@@ -43,3 +49,9 @@ class TokenThroughput:
         rate = None if self._last is None else self._last[1] / (now - self._last[0])
         self._last = (now, num_tokens)
         return rate
+
+    def log(self, module: L.LightningModule, num_tokens: int) -> None:
+        """Record a step (see ``step``) and log the previous one's rate as ``train/tokens_per_sec``, as a CPU tensor
+        (a float would be copied to the module's device, a copy that waits for the GPU)."""
+        if (rate := self.step(num_tokens)) is not None:
+            module.log("train/tokens_per_sec", torch.tensor(rate))

@@ -16,9 +16,10 @@ from transformers import PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
-from .diagnostics import StrategyDiagnostics, TokenThroughput
+from .attention import model_inputs
+from .diagnostics import StrategyDiagnostics, TokenThroughput, logging_step
 from .errors import PearError
-from .logprobs import target_logprobs
+from .logprobs import ChunkSize, target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
@@ -32,8 +33,8 @@ DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5
 class PearModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM whose per-token loss comes from a weighting strategy.
 
-    Each micro-batch's fp32 log-probs go to ``weighting`` as a ``TokenBatch`` (``loss``); the optimizer step divides
-    the sum of its token losses over all micro-batches and ranks by the step's ``loss_normalizer`` (``step``), so
+    Each micro-batch's fp32 log-probs go to ``weighting`` as a ``TokenBatch`` (``loss``); the optimizer step divides the
+    sum of its token losses over all micro-batches and ranks by the step's ``loss_normalizer`` (``step``), so
     ``accumulate_grad_batches`` and the device count do not change the gradient. Validation and test report the
     unweighted token-mean negative log-likelihood, so runs with different weightings stay comparable.
 
@@ -43,20 +44,20 @@ class PearModule(L.LightningModule):
         loss_normalizer: what the summed token losses are divided by: ``tokens``, the number of loss
             tokens (the default: a weight below 1 shrinks that token's gradient), or ``weights``, the
             sum of the weights (self-normalised importance sampling: only relative weights matter).
-        logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
-            bounds the memory of the vocabulary projection. 0 uses the model's full logits instead.
-        lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints then hold
-            only the adapters (and the optimizer state).
+        logprob_chunk_size: loss tokens projected to the vocabulary at once, each chunk recomputed in backward (bounds
+            its memory); ``auto``: all at once and kept when they fit a memory budget (half the free GPU memory, 1 GiB
+            on a CPU), else the largest chunk that fits; 0: the model's own full logits.
+        lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints hold only the adapters.
         gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
-        load_in_4bit: QLoRA: load the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU;
-            needs ``lora``).
+        load_in_4bit: QLoRA: the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU; needs ``lora``).
+        attn_implementation: transformers' (``sdpa``, ``eager``, ``flash_attention_2``…; default: its own choice), or
+            ``pear_varlen``: torch's FlashAttention varlen kernel for packed batches on CUDA (else SDPA).
         trust_remote_code: allow the model folder or hub repository to run its own code.
         max_nonfinite_steps: optimizer steps that may be skipped because their loss or gradient holds a NaN or an
             infinity (on any micro-batch of any rank); a skipped step leaves the weights, the optimizer state and the
             learning-rate schedule as they were and warns with its example ids. One more stops the run (0: the
             first one does).
-        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5). Only trainable
-            parameters are optimised.
+        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters only.
         lr_scheduler: set by the CLI's ``lr_scheduler:`` key; default none (constant learning rate).
     """
 
@@ -65,10 +66,11 @@ class PearModule(L.LightningModule):
         model_name_or_path: str,
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
         loss_normalizer: Normalizer = "tokens",
-        logprob_chunk_size: int = 256,
+        logprob_chunk_size: ChunkSize = "auto",
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         load_in_4bit: bool = False,
+        attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 3,
         optimizer: dict[str, Any] | None = None,
@@ -85,8 +87,7 @@ class PearModule(L.LightningModule):
         self.books = StepBooks(max_nonfinite_steps)
         self.diagnostics = StrategyDiagnostics()
         self.throughput = TokenThroughput()
-        self.val_nll = MeanMetric()
-        self.test_nll = MeanMetric()
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
 
     def configure_model(self) -> None:
         """Load the model (once); Lightning then applies the precision (see ``model.load_model``)."""
@@ -94,7 +95,7 @@ class PearModule(L.LightningModule):
             hp = self.hparams
             lora = LoraSettings(**hp.lora) if hp.lora is not None else None
             args = (hp.trust_remote_code, lora, hp.gradient_checkpointing, hp.load_in_4bit, self.device_mesh)
-            self.model, chunkable = load_model(hp.model_name_or_path, *args)
+            self.model, chunkable = load_model(hp.model_name_or_path, *args, hp.attn_implementation)
             self.chunk_size = self.chunk_size if chunkable else 0
             self.strict_loading = lora is None  # checkpoints hold only the adapters; on_load_checkpoint checks them
 
@@ -115,22 +116,23 @@ class PearModule(L.LightningModule):
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
     def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
-        """Score a collated batch: fp32 log-probs of its tokens under the current model."""
-        ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size)
-        return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
+        """Score a collated batch, padded or packed (see ``collate``): fp32 log-probs of its tokens."""
+        inputs = model_inputs(batch, self.model.config._attn_implementation)
+        mask, segments = batch["loss_mask"], batch.get("segment_ids")
+        logp = target_logprobs(self.model, inputs, mask, self.chunk_size, batch.get("scored"))
+        return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"), segment_ids=segments)
 
-    def loss_terms(self, batch: dict[str, Any]) -> LossTerms:
+    def loss_terms(self, batch: dict[str, Any], metrics: bool = True) -> LossTerms:
         """Score a batch and weigh it with the strategy (see ``loss.loss_terms``)."""
-        return loss_terms(self.weighting, self.token_batch(batch), self.hparams.loss_normalizer)
+        return loss_terms(self.weighting, self.token_batch(batch), self.hparams.loss_normalizer, metrics)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``)."""
-        terms = self.loss_terms(batch)
+        """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``).
+        The strategy's diagnostics are computed on logging steps only (``trainer.log_every_n_steps``)."""
+        terms = self.loss_terms(batch, metrics=logging_step(self.trainer))
         self.books.add(terms, batch["ids"])
         self.diagnostics.log(self, terms.metrics, terms.num_tokens)
-        if (tokens_per_sec := self.throughput.step(batch["num_tokens"])) is not None:
-            self.log("train/tokens_per_sec", tokens_per_sec)
+        self.throughput.log(self, batch["num_tokens"])
         return terms.total
 
     def optimizer_step(
@@ -152,10 +154,10 @@ class PearModule(L.LightningModule):
         flag = nonfinite_gradients(self.parameters() if scaler is None else [], self.device)
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t)
         totals = self.books.close(reduce, flag, where)
-        self.log("train/skipped_steps", float(self.books.skipped_steps))
+        self.log("train/skipped_steps", torch.tensor(float(self.books.skipped_steps)))  # CPU: see TokenThroughput.log
         if totals.skipped:
             return
-        self.log("train/loss", totals.mean_loss, prog_bar=True)
+        self.log("train/loss", torch.tensor(totals.mean_loss), prog_bar=True)
         scale_gradients(self.parameters(), self.trainer.accumulate_grad_batches * world / max(totals.normalizer, 1e-8))
         optimizer.step(closure=lambda: loss)
 
