@@ -58,9 +58,10 @@ class TrainingData:
     input_ids: list[list[int]]
     loss_masks: list[list[bool]]
 
-    def timed_tokens(self, batch_size: int, warmup: int) -> int:
-        """Non-padding tokens of the steps after ``warmup`` (the examples are taken in order)."""
-        return sum(len(ids) for ids in self.input_ids[warmup * batch_size :])
+    def timed_tokens(self, batch_size: int, warmup: int, steps: int | None = None) -> int:
+        """Non-padding tokens of the steps after ``warmup`` (examples in order), of ``steps`` in all."""
+        end = None if steps is None else steps * batch_size
+        return sum(len(ids) for ids in self.input_ids[warmup * batch_size : end])
 
 
 def training_data(root: Path, model_dir: Path, rows: list[dict], max_length: int) -> TrainingData:
@@ -129,6 +130,7 @@ def fit_pear(
     max_steps: int,
     device: str,
     precision: str = "32-true",
+    packing: bool = False,
     **module_args,
 ) -> list[float]:
     """``Trainer.fit`` of PearModule with ``weighting`` on ``data`` in order; the end time of every step."""
@@ -138,6 +140,7 @@ def fit_pear(
         tokenizer_name_or_path=str(model_dir),
         batch_size=batch_size,
         max_length=max_length,
+        packing=packing,
         shuffle=False,
     )
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
