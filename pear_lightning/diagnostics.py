@@ -50,8 +50,11 @@ class TokenThroughput:
         self._last = (now, num_tokens)
         return rate
 
-    def log(self, module: L.LightningModule, num_tokens: int) -> None:
-        """Record a step (see ``step``) and log the previous one's rate as ``train/tokens_per_sec``, as a CPU tensor
-        (a float would be copied to the module's device, a copy that waits for the GPU)."""
-        if (rate := self.step(num_tokens)) is not None:
+    def log(self, module: L.LightningModule, num_tokens: int, logging: bool) -> None:
+        """Record a step (see ``step``) and, if ``logging``, log the previous one's rate as ``train/tokens_per_sec``.
+
+        Every ``module.log`` costs milliseconds of Python, so values go out on logging steps only, and as CPU tensors:
+        a float would be copied to the module's device, a copy that waits for the GPU to finish its queued work.
+        """
+        if (rate := self.step(num_tokens)) is not None and logging:
             module.log("train/tokens_per_sec", torch.tensor(rate))

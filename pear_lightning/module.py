@@ -128,11 +128,11 @@ class PearModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``).
-        The strategy's diagnostics are computed on logging steps only (``trainer.log_every_n_steps``)."""
-        terms = self.loss_terms(batch, metrics=logging_step(self.trainer))
+        Diagnostics and throughput are computed and logged on logging steps only (``trainer.log_every_n_steps``)."""
+        terms = self.loss_terms(batch, metrics=(logs := logging_step(self.trainer)))
         self.books.add(terms, batch["ids"])
         self.diagnostics.log(self, terms.metrics, terms.num_tokens)
-        self.throughput.log(self, batch["num_tokens"])
+        self.throughput.log(self, batch["num_tokens"], logs)
         return terms.total
 
     def optimizer_step(
@@ -142,11 +142,10 @@ class PearModule(L.LightningModule):
         optimizer: torch.optim.Optimizer | LightningOptimizer,
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
-        """One optimizer step, in order: the last micro-batch's forward and backward; the step's totals over all
-        ranks; skip the step if its loss or gradient is non-finite (AdamW would still decay the weights and move
-        its moments on zeroed gradients); else rescale the gradient and update. The rescale undoes Lightning's
-        division by ``accumulate_grad_batches`` and data parallelism's mean over ranks, and divides by the step's
-        normaliser; gradient clipping, inside ``optimizer.step``, sees the rescaled gradient."""
+        """One optimizer step, in order: the last micro-batch's forward and backward; the step's totals over all ranks;
+        skip the step if its loss or gradient is non-finite (AdamW would still decay the weights and move its moments
+        on zeroed gradients); else rescale the gradient (undo Lightning's division by ``accumulate_grad_batches`` and
+        the mean over ranks, divide by the step's normaliser; clipping, in ``optimizer.step``, sees it) and update."""
         loss = optimizer_closure() if optimizer_closure is not None else None
         world = self.trainer.world_size
         where = f"global step {self.trainer.global_step}" + (f", rank {self.trainer.global_rank}" if world > 1 else "")
@@ -154,7 +153,8 @@ class PearModule(L.LightningModule):
         flag = nonfinite_gradients(self.parameters() if scaler is None else [], self.device)
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t)
         totals = self.books.close(reduce, flag, where)
-        self.log("train/skipped_steps", torch.tensor(float(self.books.skipped_steps)))  # CPU: see TokenThroughput.log
+        if totals.skipped or logging_step(self.trainer):  # CPU tensors: see TokenThroughput.log
+            self.log("train/skipped_steps", torch.tensor(float(self.books.skipped_steps)))
         if totals.skipped:
             return
         self.log("train/loss", torch.tensor(totals.mean_loss), prog_bar=True)

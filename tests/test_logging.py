@@ -1,4 +1,6 @@
-"""What a training step computes for its logs: the strategy's diagnostics on logging steps only."""
+"""What a training step computes and logs: the loss every step, the rest on logging steps only."""
+
+from collections import Counter
 
 import pytest
 from conftest import DEMO, fit_quietly
@@ -41,3 +43,21 @@ def test_diagnostics_are_computed_on_logging_steps_only(tiny_model_dir, every, a
         enable_checkpointing=False,
     )
     assert CountingTokenIS.calls == expected
+
+
+def test_throughput_and_skipped_steps_are_logged_on_logging_steps_and_the_loss_every_step(tiny_model_dir, monkeypatch):
+    data = PearDataModule(
+        train_path=str(DEMO / "data" / "train.jsonl"), tokenizer_name_or_path=str(tiny_model_dir), batch_size=4
+    )
+    module = PearModule(str(tiny_model_dir))
+    logged = Counter()
+    log = module.log
+
+    def counting_log(name, value, *args, **kwargs):
+        logged[name] += 1
+        assert not isinstance(value, float)  # a float would be copied to the device, waiting for it
+        return log(name, value, *args, **kwargs)
+
+    monkeypatch.setattr(module, "log", counting_log)
+    fit_quietly(module, data, max_steps=6, log_every_n_steps=3, enable_checkpointing=False)
+    assert logged == {"train/loss": 6, "train/skipped_steps": 2, "train/tokens_per_sec": 2}
