@@ -44,6 +44,14 @@ def model_inputs(batch: dict[str, Any], attn_implementation: str | None) -> dict
     return inputs
 
 
+def kernel_serves(query: Tensor, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether torch's varlen kernel can take this call: CUDA, bf16/fp16 (or autocast), no dropout, no sliding
+    window."""
+    half = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(query.device.type)
+    cuda = query.device.type == "cuda"
+    return VARLEN_AVAILABLE and cuda and half and not dropout and not kwargs.get("sliding_window")
+
+
 def varlen_attention(
     module: nn.Module,
     query: Tensor,
@@ -60,13 +68,12 @@ def varlen_attention(
 ) -> tuple[Tensor, None]:
     """Causal attention over the sequences ``cu_seq_lens_*`` delimit in the flattened batch (transformers'
     attention-function interface: ``query`` [B, H, T, D], output [B, T, H, D])."""
-    half = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
-    plain = cu_seq_lens_q is None or query.device.type != "cuda" or not half or dropout or kwargs.get("sliding_window")
-    if plain or not VARLEN_AVAILABLE:
+    if cu_seq_lens_q is None or not kernel_serves(query, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, length, _ = query.shape
     # Rotary embeddings in fp32 promote q and k under autocast; the kernel takes the autocast dtype.
-    dtype = query.dtype if query.dtype != torch.float32 else torch.get_autocast_dtype("cuda")
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     q, k, v = (x.transpose(1, 2).flatten(0, 1).to(dtype) for x in (query, key, value))  # [B·T, heads, D]
     out = varlen_attn(
         q,

@@ -197,3 +197,38 @@ def test_the_packed_loader_yields_the_padded_loader_s_examples_in_the_same_order
         batches[packing] = [batch for batch in data.train_dataloader()]
     assert [b["ids"] for b in batches[True]] == [b["ids"] for b in batches[False]]
     assert sum(b["input_ids"].numel() for b in batches[True]) < sum(b["input_ids"].numel() for b in batches[False])
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch's varlen_attn (CUDA only) as per-sequence SDPA: [total, heads, D] in and out."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+    assert max_q == max(b - a for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]))
+    bounds = cu_q.tolist()
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
+        parts.append(out.transpose(0, 1))
+    return torch.cat(parts)
+
+
+def test_the_varlen_kernel_path_lays_out_sequences_as_the_kernel_expects(model_dir, mixed_rows, monkeypatch):
+    """pear_varlen's call into torch's kernel, with the kernel (CUDA only) replaced by per-sequence SDPA."""
+    from pear_lightning import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "kernel_serves", lambda *args: True)
+    monkeypatch.setattr(
+        attention, "varlen_attn", lambda *args, **kwargs: calls.append(1) or reference_varlen(*args, **kwargs)
+    )
+    module = PearModule(str(model_dir), weighting=TokenIS(gamma=0.9), attn_implementation="pear_varlen")
+    module.configure_model()
+    padded, packed = collate(mixed_rows, 0), collate(mixed_rows, 0, pack_length=256)
+    alone = per_example(padded, module.token_batch(padded).logp.detach())
+    assert not calls  # padded batches have no sequence bounds: SDPA
+    through_kernel = per_example(packed, module.token_batch(packed).logp.detach())
+    assert len(calls) == module.model.config.num_hidden_layers
+    for a, b in zip(through_kernel, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
