@@ -4,25 +4,15 @@
         [--steps 15] [--warmup 5] [--repeats 3] [--max-batch-models qwen2.5-1.5b] [--time-budget 540]
         [--peak-tflops N] [--device cuda|cpu] [--tiny]
 
-Models are randomly initialised from the published shapes of SmolLM2-135M, Qwen2.5-1.5B and Qwen2.5-7B
-(their real vocabularies), with the demo tokenizer for the token ids: nothing comes from the hub, and
-only torch, lightning, transformers, peft and this package are needed. Every arm trains LoRA (r 16,
-all linear layers) with AdamW, bf16 autocast (fp32 on a CPU), on the same synthetic prompt/completion
-examples of mixed length (``--tokens`` ± 75%) in the same order:
-
-- ``hand-written loop``: peft + ``torch.autocast`` + the model's logits + ``F.cross_entropy`` + AdamW;
-- ``pear UniformSFT`` and ``pear TokenIS`` (random behaviour log-probs): ``lightning.Trainer.fit`` of
-  ``PearModule``, padded batches, and the same with ``data.packing`` (``… packed``; attention
-  ``pear_varlen`` on CUDA when torch has its varlen kernel).
-
-Arms run in one process, in a rotated order every round; tokens/s counts the non-padding tokens of the
-``--steps`` steps after ``--warmup``; peak memory is ``torch.cuda.max_memory_allocated`` over the whole
-run. MFU = 6 · N · tokens/s / the GPU's dense bf16 peak (N all parameters, the usual convention; LoRA
-skips the frozen weights' gradients). Then, for ``--max-batch-models``, the largest batch each of
-``MAX_BATCH_ARMS`` fits (doubling from ``--batch-size``, then bisection, on out-of-memory errors,
-two-step probes), measured once. ``--time-budget`` seconds bound the whole run: a largest-batch
-search that would probe after ``budget − 90 s`` is dropped, and the table says so. Writes
-``benchmarks/results/gpu_throughput.{json,md}``; ``--device cpu --tiny`` checks the script in seconds.
+Random-init models of published shapes (real vocabularies; the demo tokenizer gives the ids), so only torch,
+lightning, transformers, peft and this package are needed. Every arm trains LoRA (r 16, all linear layers,
+AdamW, bf16 autocast; fp32 on a CPU) on the same mixed-length examples in the same order: the hand-written
+loop (peft + autocast + logits + ``F.cross_entropy``), and pear UniformSFT / TokenIS through ``Trainer.fit``,
+padded and packed (``pear_varlen`` on CUDA). One process, rotated rounds; tokens/s over the steps after the
+warm-up, ``max_memory_allocated`` over the run, MFU = 6·N·tokens/s / the dense bf16 peak. Then the largest
+batch of ``MAX_BATCH_ARMS`` (doubling, then bisection on OOM), measured once. Work that would start past
+``--time-budget`` − 90 s is skipped and marked; results are written after every model to
+``benchmarks/results/gpu_throughput.{json,md}``. ``--device cpu --tiny`` checks the script in seconds.
 """
 
 from __future__ import annotations
@@ -248,6 +238,17 @@ def cells(runs: list[dict], parameters: int, peak: float | None, loop: list[dict
     return row
 
 
+def packing_gain(runs: dict[str, list[dict]]) -> str:
+    """Packed over padded tokens/s, per round, for each weighting."""
+    gains = []
+    for weighting in ("UniformSFT", "TokenIS"):
+        padded, packed = runs[f"pear {weighting}"], runs[f"pear {weighting} packed"]
+        if not any("oom" in run for run in padded + packed):
+            ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(padded, packed)]
+            gains.append(f"{weighting} {with_range(ratios)}")
+    return "; ".join(gains) or "n/a (out of memory)"
+
+
 def report(results: list[dict], args, peak: float | None, minutes: float) -> list[str]:
     """The markdown tables."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (script check, not figures)"
@@ -261,6 +262,9 @@ def report(results: list[dict], args, peak: float | None, minutes: float) -> lis
     ]
     head = "| arm | tokens/s | × loop tokens/s | MFU | peak GiB | × loop memory |"
     for result in results:
+        if "skipped" in result:
+            lines += ["", f"**{result['model']}**: skipped ({result['skipped']})."]
+            continue
         n, runs = result["parameters"], result["runs"]
         lines += ["", f"**{result['model']}** ({n / 1e6:,.0f}M parameters, {result['mean_tokens']:.0f} tokens per "
                   f"example on average), batch {args.batch_size}:", "", head, "|---|---|---|---|---|---|"]  # fmt: skip
@@ -268,11 +272,7 @@ def report(results: list[dict], args, peak: float | None, minutes: float) -> lis
             lines.append(
                 f"| {arm} | " + " | ".join(cells(arm_runs, n, peak, None if arm == LOOP else runs[LOOP])) + " |"
             )
-        for weighting in ("UniformSFT", "TokenIS"):
-            padded, packed = runs[f"pear {weighting}"], runs[f"pear {weighting} packed"]
-            if not any("oom" in run for run in padded + packed):
-                ratio = with_range([b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(padded, packed)])
-                lines.append(f"\npear {weighting}: packed / padded tokens/s {ratio}.")
+        lines += ["", f"Packed / padded tokens/s, per round: {packing_gain(runs)}."]
         if "largest" in result:
             lines += ["", "Largest batch that fits (one run each):", "", "| arm | batch | tokens/s | MFU | peak GiB |",
                       "|---|---|---|---|---|"]  # fmt: skip
@@ -290,12 +290,17 @@ def main(args: argparse.Namespace) -> None:
     started = time.monotonic()
     deadline = started + args.time_budget - 90
     peak = peak_tflops(args.device, args.peak_tflops)
-    with tempfile.TemporaryDirectory(prefix="pear-gpu-bench-") as root:
-        results = [bench_model(shape, Path(root), args, deadline) for shape in args.models]
-    minutes = (time.monotonic() - started) / 60
     settings = {k: v for k, v in vars(args).items() if k != "argv"}
-    report_data = {"settings": settings, "peak_tflops": peak, "minutes": minutes, "results": results}
-    write_results("gpu_throughput", report_data, report(results, args, peak, minutes), args.device)
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="pear-gpu-bench-") as root:
+        for shape in args.models:  # results are written after every model, so a run cut short keeps them
+            late = results and time.monotonic() > deadline
+            results.append(
+                {"model": shape, "skipped": "time budget"} if late else bench_model(shape, Path(root), args, deadline)
+            )
+            minutes = (time.monotonic() - started) / 60
+            report_data = {"settings": settings, "peak_tflops": peak, "minutes": minutes, "results": results}
+            write_results("gpu_throughput", report_data, report(results, args, peak, minutes), args.device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
