@@ -64,7 +64,7 @@ def test_gpu_benchmark_dry_run_on_the_cpu_runs_every_arm_and_the_largest_batch_s
     assert set(result["largest"]) == set(gpu_throughput.MAX_BATCH_ARMS)
     assert all(run["batch_size"] == 4 and run["tokens_per_s"] > 0 for run in result["largest"].values())
     table = (results_dir / "gpu_throughput.md").read_text()
-    assert "| pear TokenIS packed |" in table and "packed / padded tokens/s" in table
+    assert "| pear TokenIS packed |" in table and "Packed / padded tokens/s, per round: UniformSFT" in table
     assert "`python -m benchmarks.gpu_throughput --device cpu --tiny`" in table
 
 
