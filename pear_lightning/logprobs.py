@@ -3,7 +3,7 @@
 The memory-lean path runs the decoder, keeps the hidden states of the scored positions only, and
 projects them to the vocabulary. Their log-softmax at the target is taken in fp32 by
 ``TargetLogSoftmax``, which saves only the logits (in the compute dtype: bf16 under bf16-mixed) and
-recomputes the softmax in backward, so the fp32 working set is one chunk of rows at a time.
+recomputes the softmax in backward, so the fp32 working set is one chunk of rows.
 ``chunk_size="auto"`` sizes that chunk from a memory budget: when the logits of all loss tokens fit,
 one pass, kept for backward (the fastest); otherwise the largest chunk that fits, each chunk's
 projection recomputed in backward (activation checkpointing), so at most one chunk's logits are alive.
@@ -46,33 +46,24 @@ def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 
 class TargetLogSoftmax(torch.autograd.Function):
-    """``log_softmax(logits.float())[i, targets[i]]`` for every row, ``rows`` rows at a time; saves only ``logits``.
+    """``log_softmax(logits.float())[i, targets[i]]`` for every row, saving only ``logits`` (in their dtype).
 
-    Backward recomputes the fp32 softmax chunk by chunk and returns ``g · (onehot − softmax)`` in the
-    logits' dtype, so no [N, V] fp32 tensor outlives a chunk.
+    Backward recomputes the fp32 softmax and returns ``g · (onehot − softmax)`` in the logits' dtype, so no fp32
+    [N, V] tensor outlives the call. Callers bound N (see ``plan_chunks``).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         ctx.save_for_backward(logits, targets)
-        ctx.rows = rows
         with torch.autocast(logits.device.type, enabled=False):
-            parts = [
-                torch.log_softmax(chunk, dim=-1, dtype=torch.float32).gather(1, y[:, None]).squeeze(1)
-                for chunk, y in zip(logits.split(rows), targets.split(rows))
-            ]
-        return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+            return torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, targets[:, None]).squeeze(1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        rows = ctx.rows
         with torch.autocast(logits.device.type, enabled=False):
-            for chunk, y, g, o in zip(logits.split(rows), targets.split(rows), grad.split(rows), out.split(rows)):
-                probs = torch.softmax(chunk, dim=-1, dtype=torch.float32).mul_(-g[:, None])
-                o.copy_(probs.scatter_add_(1, y[:, None], g[:, None]))
-        return out, None, None
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).mul_(-grad[:, None])
+            return probs.scatter_add_(1, targets[:, None], grad[:, None]).to(logits.dtype), None
 
 
 def memory_budget(device: torch.device) -> int:
@@ -105,7 +96,7 @@ def _compute_itemsize(weight: Tensor) -> int:
 
 
 def _head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor) -> Tensor:
-    return TargetLogSoftmax.apply(head(hidden), targets, len(targets))
+    return TargetLogSoftmax.apply(head(hidden), targets)
 
 
 def head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: ChunkSize = "auto") -> Tensor:
@@ -126,7 +117,7 @@ def head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: 
     else:
         rows, keep = chunk_size, False
     if keep:
-        return TargetLogSoftmax.apply(head(hidden), targets, rows)
+        return _head_logprobs(head, hidden, targets)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     chunks = [
         checkpoint(_head_logprobs, head, h, y, use_reentrant=False) if recompute else _head_logprobs(head, h, y)
@@ -173,7 +164,7 @@ def target_logprobs(
     parts = separable_head(model) if chunk_size != 0 else None
     if parts is None:
         logits = model(**inputs, use_cache=False).logits
-        logp = TargetLogSoftmax.apply(logits.flatten(0, 1)[scored - 1], targets, max(len(targets), 1))
+        logp = TargetLogSoftmax.apply(logits.flatten(0, 1)[scored - 1], targets)
     else:
         decoder, head = parts
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
