@@ -7,6 +7,7 @@ new one, never a torn mix: ``os.replace`` within one folder is atomic on POSIX a
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import shutil
@@ -85,12 +86,50 @@ def atomic_write_folder(path: Path, write: Callable[[Path], Any]) -> None:
     temporary = temporary_name(path)
     try:
         write(temporary)
-        for root, _, files in os.walk(temporary):
-            for name in files:
-                fsync(Path(root) / name)
-            fsync(Path(root))
+        sync_tree(temporary)
         os.replace(temporary, path)
         fsync(path.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     remove_orphans(path)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` (and its subfolders' entries) to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync(Path(root) / name)
+        fsync(Path(root))
+
+
+def replace_folder(staged: Path, path: Path) -> None:
+    """Put the complete folder ``staged`` in place of ``path`` (a folder, a file, or nothing), atomically where
+    the system allows: on Linux the two are exchanged in one ``renameat2(RENAME_EXCHANGE)``, so ``path`` is
+    always the old content or the new; elsewhere the old one is first moved aside, so a crash between the two
+    renames leaves it complete under ``.<name>.old``. The old content is deleted afterwards."""
+    sync_tree(staged)
+    if not os.path.lexists(path):
+        os.replace(staged, path)
+    elif not _exchange(staged, path):
+        aside = path.with_name(f".{path.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        os.replace(staged, path)
+        staged = aside
+    fsync(path.parent)
+    if staged.is_dir():
+        shutil.rmtree(staged, ignore_errors=True)
+    else:
+        staged.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0

@@ -6,8 +6,10 @@ Layout of a cache folder::
     progress.json                 while being written: the inputs, so that a resumed run can check them
     <split>-<k>.parquet           shard k of a split: id, token_ids (int32 lists), logprobs (float32 lists)
 
-The log-probs are the raw log-softmax of the behaviour model at temperature 1, in fp32, of the
-response tokens exactly as the trainer tokenises them (chat template and ``max_length`` included).
+The log-probs are log q(y), in fp32, of the response tokens exactly as the trainer tokenises them
+(chat template and ``max_length`` included), where q is the behaviour model's distribution processed
+as the data was sampled (each split's ``sampling`` in the manifest: temperature, top-k, top-p, min-p;
+at temperature 1 without truncation, the raw log-softmax).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoint_io import atomic_write
-from .errors import PearError
+from .atomic import atomic_write
+from .errors import PearError, failure_reason
+from .processing import SamplingSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,13 +66,23 @@ def model_fingerprint(config: dict[str, Any]) -> str:
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
     """Write JSON atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
+    _write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n"))
 
 
 def write_shard(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write one shard of scored examples atomically."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    _write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _write(path: Path, write: Any) -> None:
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        raise PearError(
+            f"could not write {path} ({failure_reason(err)}); the cache's complete shards are kept: free space in "
+            f"{path.parent} and run the same command again to resume"
+        ) from err
 
 
 def shard_rows(path: Path) -> int | None:
@@ -86,12 +99,15 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def load_cache(folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data_path: str) -> Dataset:
-    """Load one split of a cache, memory-mapped, after checking that it was made for this tokenizer and data.
+def load_cache(
+    folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data_path: str, sampling: SamplingSettings
+) -> Dataset:
+    """Load one split of a cache, memory-mapped, after checking that it was made for this tokenizer and data, under
+    the distribution that sampled the data (``sampling``).
 
     Raises:
-        PearError: if the folder holds no complete cache, the tokenizer or data file differs from the
-            ones it was made with, or a shard is missing, unreadable or of the wrong size.
+        PearError: if the folder holds no complete cache, the tokenizer, data file or sampling settings differ
+            from the ones it was made with, or a shard is missing, unreadable or of the wrong size.
     """
     root = Path(folder)
     redo = f"re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {folder}`"
@@ -114,6 +130,13 @@ def load_cache(folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data
         raise PearError(
             f"data.logprobs_path={folder}: the {split} data {data_path} changed since the cache was made from "
             f"{entry['data_path']} (fingerprint {entry['data_fingerprint']}, now {data_fingerprint(data_path)}); {redo}"
+        )
+    scored = SamplingSettings(**entry.get("sampling", {}))  # caches from before the setting scored the raw distribution
+    if scored != sampling:
+        raise PearError(
+            f"data.logprobs_path={folder}: scored the {split} data under {scored.describe()}, but it was sampled with "
+            f"{sampling.describe()}; those log-probs are not π_β of this data. Set data.sampling to how the data was "
+            f"really sampled (a `generate` folder records it) and {redo}"
         )
     parts = []
     for shard in manifest["shards"][split]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import numbers
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +37,28 @@ def check_unique_ids(data: Dataset, where: str) -> None:
         "log-probs are matched to examples by id, so give every example its own `id` (an example without one is "
         "named by a hash of its content: remove exact repeats)"
     )
+
+
+def response_ids(value: Any, column: str, vocab_size: int, where: str) -> list[int] | None:
+    """A row's generator token ids, checked, as integers; None when the row has none.
+
+    Raises:
+        PearError: naming the row when they are not a list of integers or not ids of the tokenizer.
+    """
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(_is_kind(v, "integers") for v in value)):
+        raise PearError(
+            f"{where}: `{column}` must be a list of integers, one per response token; found {json.dumps(value)[:60]}"
+        )
+    ids = [int(v) for v in value]
+    outside = [v for v in ids if not 0 <= v < vocab_size]
+    if outside:
+        raise PearError(
+            f"{where}: `{column}` holds {outside[0]}, not a token id of this tokenizer (its ids run from 0 to "
+            f"{vocab_size - 1}); the response ids must come from the tokenizer of data.tokenizer_name_or_path"
+        )
+    return ids
 
 
 def check_behavior_columns(raw: Dataset, path: str, token_ids_column: str, logprobs_column: str) -> None:

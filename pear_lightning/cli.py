@@ -7,9 +7,11 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
-from .commands import cache_logprobs, export, inspect_logprobs
+from .commands import cache_logprobs, export, generate, inspect_logprobs
 from .data import PearDataModule
+from .demo import demo_config
 from .errors import PearError
 from .lightning_cli import DEBUG_ENV, PearArgumentParser, PearCLI
 from .module import PearModule
@@ -53,6 +55,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "validate": ("validation loss of a model or checkpoint (LightningCLI)", lightning),
     "test": ("test loss of a model or checkpoint (LightningCLI)", lightning),
     "predict": ("per-token log-probs of the predict data (LightningCLI)", lightning),
+    "generate": ("sample responses with their token ids and sampling-distribution log-probs", generate.run),
     "cache_logprobs": ("score the data with the behaviour model into a checked cache", cache_logprobs.run),
     "inspect_logprobs": ("quantiles of the behaviour log-probs, step-0 log-ratios and weights", inspect_logprobs.run),
     "export": ("a checkpoint as a Hugging Face model folder, for the RL stage", export.run),
@@ -78,6 +81,15 @@ def overview() -> str:
     )
 
 
+def _named_config(arg: str, before: str) -> str:
+    """``--config demo`` names the demo config that ships in the package (see ``demo.demo_config``)."""
+    if arg == "--config=demo" or (arg == "demo" and before == "--config"):
+        if not Path("demo").exists():
+            text = demo_config()
+            return f"--config={text}" if arg.startswith("--config=") else text
+    return arg
+
+
 class _DropAdverts(logging.Filter):
     """Lightning prints advertisements for its cloud products on every run; they are not about the run."""
 
@@ -97,6 +109,7 @@ def main(args: list[str] | None = None) -> None:
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # also for the processes a multi-device run starts
         argv = [a for a in argv if a != DEBUG_FLAG]
+    argv = [_named_config(a, before) for before, a in zip(["", *argv], argv)]
     if argv[:1] in ([], ["-h"], ["--help"]):
         print(overview())
         return

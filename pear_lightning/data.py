@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .cache import load_cache
-from .checks import check_behavior_columns, check_unique_ids
+from .checks import check_behavior_columns, check_unique_ids, response_ids
 from .collate import collate
-from .errors import LOAD_ERRORS, PearError, load_error
+from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .join import join_behavior
-from .render import example_id, tokenize_example
+from .processing import SamplingSettings
+from .render import example_id, tokenize_example, turn_end
 from .sampling import EpochRandomSampler, ResumableLoader
-from .sources import load_examples, no_examples
+from .sources import generated_manifest, load_examples, no_examples
 
 SPLITS = ("train", "val", "test", "predict")
 ID = "pear_example_id"  # the id column while it is made (see `tokenized`)
@@ -29,9 +30,10 @@ class PearDataModule(L.LightningDataModule):
     """Token batches of SFT examples, with the behaviour policy's log-probs when the data carries them.
 
     Examples have ``messages`` (chat; loss on assistant turns) or ``prompt`` + ``completion`` and an
-    optional ``id`` (else a content hash). The behaviour policy's log-probs of their response tokens
-    come from a cache made by ``cache_logprobs`` (``logprobs_path``) or from the data itself: a list
-    column of ``token_ids`` (the response tokens as the trainer tokenises them) and one of per-token
+    optional ``id`` (else a content hash). An example with its generator's response ``token_ids`` is
+    trained on exactly those ids after its prompt (see ``render.tokenize_example``). The behaviour
+    policy's log-probs of the response tokens come from a cache made by ``cache_logprobs``
+    (``logprobs_path``) or from the data itself: a list column of ``token_ids`` and one of per-token
     ``logprobs``. Either way the join is token-exact, or training does not start.
 
     Args:
@@ -49,8 +51,13 @@ class PearDataModule(L.LightningDataModule):
         shuffle: shuffle the training examples every epoch (seeded by ``seed_everything``).
         logprobs_path: a cache folder written by ``python -m pear_lightning cache_logprobs``; it takes
             precedence over log-prob columns in the data.
-        token_ids_column: column with each example's response token ids, checked against the trainer's.
-        logprobs_column: column with the behaviour policy's log-prob of each of those tokens.
+        token_ids_column: column with each example's response token ids as its generator sampled them; they are
+            the trained response tokens (for a prompt, or a conversation with one assistant turn).
+        logprobs_column: column with the behaviour policy's log-prob of each of those tokens: log π_β, where π_β is
+            the distribution that sampled them (see ``sampling``).
+        sampling: how the data's responses were sampled (temperature, top-k, top-p, min-p), when the data does
+            not say so itself (a ``generate`` output folder does); by default, at temperature 1 without truncation.
+            ``cache_logprobs`` scores under it, and a cache scored under other settings is refused.
         drop_misaligned: drop (and count) examples whose behaviour log-probs do not line up, instead of
             stopping; off by default, because misaligned ratios are silently wrong ratios.
         max_drop_fraction: with ``drop_misaligned``, stop anyway when more than this fraction would be dropped.
@@ -72,6 +79,7 @@ class PearDataModule(L.LightningDataModule):
         logprobs_path: str | None = None,
         token_ids_column: str = "token_ids",
         logprobs_column: str = "logprobs",
+        sampling: SamplingSettings | None = None,
         drop_misaligned: bool = False,
         max_drop_fraction: float = 0.01,
         trust_remote_code: bool = False,
@@ -89,6 +97,7 @@ class PearDataModule(L.LightningDataModule):
         self.logprobs_path = logprobs_path
         self.token_ids_column = token_ids_column
         self.logprobs_column = logprobs_column
+        self.sampling = sampling.check("data.sampling") if sampling is not None else None
         self.drop_misaligned = drop_misaligned
         self.max_drop_fraction = max_drop_fraction
         self.trust_remote_code = trust_remote_code
@@ -101,6 +110,7 @@ class PearDataModule(L.LightningDataModule):
             if self.tokenizer_name_or_path is None:
                 raise PearError("data.tokenizer_name_or_path is not set (the CLI sets it to model.model_name_or_path)")
             path = self.tokenizer_name_or_path
+            refuse_missing("data.tokenizer_name_or_path", path)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             except LOAD_ERRORS as err:
@@ -139,17 +149,21 @@ class PearDataModule(L.LightningDataModule):
         path = self.paths[split]
         tokenizer = self.load_tokenizer()
         raw = load_examples(path)
-        consumed = {"messages", "prompt", "completion", "id", self.token_ids_column, self.logprobs_column}
-        max_length = self.max_length
+        ids_column, logprobs_column = self.token_ids_column, self.logprobs_column
+        consumed = {"messages", "prompt", "completion", "id", "finish_reason", ids_column, logprobs_column}
+        max_length, vocab_size = self.max_length, len(tokenizer)
 
         if len(raw) == 0:
             raise PearError(no_examples(path))
 
         def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
             ex_id = example_id(example)
-            out = tokenize_example(example, tokenizer, max_length, f"{path} row {index + 1} (id {ex_id})")
-            out[ID] = ex_id
-            return out
+            where = f"{path} row {index + 1} (id {ex_id})"
+            ids = response_ids(example.get(ids_column), ids_column, vocab_size, where)
+            finish = example.get("finish_reason")
+            finish = finish.get("type") if isinstance(finish, dict) else finish  # SGLang: {"type": "stop", ...}
+            out = tokenize_example(example, tokenizer, max_length, where, ids, finish)
+            return {**out, ID: ex_id, "row": index + 1}  # rows are counted from 1 in every message
 
         data = raw.map(
             tokenize,
@@ -157,20 +171,52 @@ class PearDataModule(L.LightningDataModule):
             remove_columns=[c for c in raw.column_names if c in consumed],
             desc=f"Tokenising {split}",
         ).rename_column(ID, "id")  # ids are strings, whatever type the raw column has
+        self._report_generated(split, data)
         empty = data["num_loss_tokens"].count(0)
         truncated = sum(data["truncated"])
+        first = sum(data["untrainable_first"])
         if empty == len(data):
             raise PearError(
                 f"{path}: none of its {len(data)} examples has a response token within max_length={max_length}; "
                 "raise data.max_length or shorten the prompts"
             )
-        if truncated or empty:
+        if truncated or empty or first:
+            starts = f"{first} begin with a response token, which nothing precedes to predict it from: not trained on; "
             rank_zero_info(
                 f"{split} ({path}): {truncated} of {len(data)} examples truncated to max_length={max_length}; "
-                f"{empty} skipped because no response token was left"
+                f"{starts if first else ''}{empty} skipped because no response token was left"
             )
             data = data.filter(lambda n: n > 0, input_columns="num_loss_tokens")
         return data
+
+    def _report_generated(self, split: str, data: Dataset) -> None:
+        """Say how many examples train on their generator's ids, and how their responses end."""
+        generated = sum(data["generated"])
+        if not generated:
+            return
+        end = self.load_tokenizer().decode(turn_end(self.load_tokenizer()).trained)
+        rank_zero_info(
+            f"{split} ({self.paths[split]}): {generated} of {len(data)} examples train on their generator's "
+            f"`{self.token_ids_column}` (not re-tokenised); {sum(data['end_of_turn_added'])} of them had the "
+            f'end-of-turn token {end!r} added (finish_reason "stop", ids without it); {sum(data["unfinished"])} '
+            "end without it and are trained as cut off"
+        )
+
+    def sampling_of(self, split: str) -> SamplingSettings:
+        """The distribution that sampled ``split``'s responses: ``data.sampling``, else what the manifest of a
+        ``generate`` output folder records, else temperature 1 without truncation.
+
+        Raises:
+            PearError: if ``data.sampling`` and the folder's manifest disagree.
+        """
+        manifest = generated_manifest(self.paths[split])
+        recorded = SamplingSettings(**manifest["sampling"]) if manifest else None
+        if self.sampling is not None and recorded is not None and self.sampling != recorded:
+            raise PearError(
+                f"data.sampling ({self.sampling.describe()}) contradicts {self.paths[split]}, whose manifest records "
+                f"it was sampled with {recorded.describe()}; leave data.sampling unset for this data"
+            )
+        return self.sampling or recorded or SamplingSettings()
 
     def with_behavior(self, split: str, data: Dataset) -> Dataset:
         """Join ``split``'s behaviour log-probs, from the cache or the data's own columns, if there are any: the
@@ -182,7 +228,7 @@ class PearDataModule(L.LightningDataModule):
         path = self.paths[split]
         if self.logprobs_path:
             check_unique_ids(data, path)
-            behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path)
+            behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path, self.sampling_of(split))
             where = f"{path} with {self.logprobs_path}"
         else:
             raw = load_examples(path)

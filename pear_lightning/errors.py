@@ -16,8 +16,25 @@ LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def looks_local(path: str) -> bool:
-    """Whether ``path`` is written as a local path (``./x``, ``/x``, ``~/x``, ``a//b``) rather than a hub name."""
-    return path.startswith((".", "/", "~")) or os.sep + os.sep in path
+    """Whether ``path`` can only be a local path, not a hub name (``org/name``): it starts with ``.``, ``/`` or ``~``,
+    has more than one separator, or its first part is a local folder (``models/Typo`` when ``models/`` exists)."""
+    parts = Path(path).parts
+    return (
+        path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or os.sep + os.sep in path
+        or (len(parts) > 1 and Path(parts[0]).is_dir())
+    )
+
+
+def refuse_missing(setting: str, path: str) -> None:
+    """Refuse a local path that does not exist at once, before ``from_pretrained`` spends seconds on hub retries.
+
+    Raises:
+        PearError: naming the setting and the path.
+    """
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise PearError(f"{setting}={path!r}: no such folder")
 
 
 def load_error(setting: str, path: str, what: str, err: Exception) -> PearError:
@@ -31,3 +48,8 @@ def load_error(setting: str, path: str, what: str, err: Exception) -> PearError:
             "model.trust_remote_code is false; set it to true if you trust that code"
         )
     return PearError(f"{setting}={path!r}: cannot load {what}: {' '.join(str(err).split())}")
+
+
+def failure_reason(err: Exception) -> str:
+    """Why a write failed, in a few words (``No space left on device``), from an ``OSError`` or a library's error."""
+    return getattr(err, "strerror", None) or " ".join(str(err).split())

@@ -4,7 +4,8 @@ A behaviour table has one row per example: ``id``, ``token_ids`` (the response t
 log-probs score) and ``logprobs``. An example joins when its id is in the table exactly once, the
 cached ``token_ids`` equal the trainer's response tokens (a truncated example may match a longer
 cached response on its kept prefix, whose log-probs do not depend on the rest), it has one log-prob
-per cached token, and the log-probs of its tokens are finite. The joined examples carry their
+per cached token, and the log-probs of its tokens are log-probabilities: finite and not above 0. Every
+row is checked when the data is loaded, before the first step. The joined examples carry their
 ``behavior_logp``: one value per trained response token, truncation already applied, so batches are
 collated without looking anything up. Rows are checked in chunks, so memory stays bounded at any scale.
 """
@@ -24,27 +25,31 @@ from .checks import SHOWN, repeated_ids
 from .errors import PearError
 
 CHUNK_ROWS = 8192
+MAX_LOGPROB = 1e-4  # above 0 by more than fp32 rounding of a log-softmax can give: not a log-probability
 
 
 @dataclass
 class JoinProblems:
-    """Ids of the examples that cannot be joined, by reason."""
+    """The examples that cannot be joined (``row N (id X)``, rows counted from 1), by reason."""
 
     missing: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
-    non_finite: list[str] = field(default_factory=list)
+    bad_values: list[str] = field(default_factory=list)
 
     def count(self) -> int:
         """Examples with any problem."""
-        return len(self.missing) + len(self.mismatched) + len(self.non_finite)
+        return len(self.missing) + len(self.mismatched) + len(self.bad_values)
 
     def describe(self) -> str:
         """One clause per kind of problem, with counts and the first ids."""
         parts = []
         for ids, what in (
             (self.missing, "missing from the behaviour log-probs"),
-            (self.mismatched, "whose cached token_ids differ from the trainer's response tokens (ids or length)"),
-            (self.non_finite, "with NaN or infinite log-probs"),
+            (
+                self.mismatched,
+                "whose token_ids differ from the trainer's response tokens, or whose logprobs are not one per token",
+            ),
+            (self.bad_values, "with NaN, infinite or positive log-probs (a log-probability is finite and <= 0)"),
         ):
             if ids:
                 parts.append(f"{len(ids)} {what} (first: {', '.join(ids[:SHOWN])})")
@@ -64,7 +69,7 @@ def _join_chunk(
 ) -> tuple[np.ndarray, pa.Array]:
     """Check one chunk of examples against their behaviour rows (``rows`` valid where ``found``); return which
     examples join and each one's log-probs of its trained response tokens (empty for those that do not)."""
-    ids = data.column("id").to_pylist()
+    ids = [f"row {r} (id {i})" for r, i in zip(data.column("row").to_pylist(), data.column("id").to_pylist())]
     problems.missing += [i for i, ok in zip(ids, found) if not ok]
     mask_offsets, mask = _lists(data.column("loss_mask"))
     _, input_ids = _lists(data.column("input_ids"))
@@ -84,12 +89,14 @@ def _join_chunk(
     owner = np.repeat(np.arange(len(ids)), compared)
     cached_position = np.repeat(cached_offsets[:-1], compared) + k
     trainer_position = np.repeat(starts, compared) + k
-    kept_logprobs = logprobs[np.repeat(logprob_offsets[:-1], compared) + k].astype(np.float32)  # as trained
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, and is refused as such
+        kept_logprobs = logprobs[np.repeat(logprob_offsets[:-1], compared) + k].astype(np.float32)  # as trained
     differs = np.bincount(owner, weights=cached[cached_position] != response[trainer_position], minlength=len(ids))
-    bad_value = np.bincount(owner, weights=~np.isfinite(kept_logprobs), minlength=len(ids)) > 0
+    impossible = ~np.isfinite(kept_logprobs) | (kept_logprobs > MAX_LOGPROB)
+    bad_value = np.bincount(owner, weights=impossible, minlength=len(ids)) > 0
     mismatched = found & (~length_ok | (differs > 0))
     problems.mismatched += [i for i, bad in zip(ids, mismatched) if bad]
-    problems.non_finite += [i for i, bad in zip(ids, found & ~mismatched & bad_value) if bad]
+    problems.bad_values += [i for i, bad in zip(ids, found & ~mismatched & bad_value) if bad]
     joined = found & ~mismatched & ~bad_value
     lengths = np.where(joined, n, 0)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -102,7 +109,7 @@ def join_behavior(
     """Return ``data`` with a ``behavior_logp`` column: log π_β of each example's trained response tokens.
 
     Args:
-        data: tokenised examples (``id``, ``input_ids``, ``loss_mask``, ``truncated``).
+        data: tokenised examples (``id``, ``row``, ``input_ids``, ``loss_mask``, ``truncated``).
         behavior: the behaviour log-probs (``id``, ``token_ids``, ``logprobs``).
         where: names the data and the log-probs in messages.
         drop_misaligned: drop and count the examples that do not join, instead of stopping.

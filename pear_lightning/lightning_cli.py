@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
@@ -17,11 +18,13 @@ from torch.optim import Optimizer
 from pear_lightning.strategies import WeightingStrategy
 
 from .atomic import atomic_write
-from .checkpoint_io import use_atomic_checkpoints
+from .checkpoint_io import read_checkpoint, use_atomic_checkpoints
 from .data import PearDataModule
 from .errors import PearError
 from .module import PearModule
 from .plugins import load_strategies, skipped_strategies
+from .preflight import check_fit, check_outputs
+from .step import check_strategy
 
 DEBUG_ENV = "PEAR_DEBUG"
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning's ckpt_path takes besides a path
@@ -83,20 +86,49 @@ class PearCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_instantiator(_build_weighting, WeightingStrategy)
 
-    def before_instantiate_classes(self) -> None:
-        """Refuse a ``--ckpt_path`` that names nothing before anything is built or written."""
-        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
-        if ckpt and ckpt.split(":")[0] not in CKPT_KEYWORDS and "://" not in ckpt and not Path(ckpt).exists():
-            raise PearError(
-                f"--ckpt_path {ckpt}: file not found; give a checkpoint written by fit (in its log folder's "
-                "checkpoints/), or `last` to resume from the newest one"
-            )
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse the command line, then refuse a ``--ckpt_path`` that is not a checkpoint written by fit before
+        anything is built or written (Lightning reads its hyperparameters next)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and ckpt.split(":")[0] not in CKPT_KEYWORDS and "://" not in ckpt:
+            read_checkpoint(ckpt, "--ckpt_path")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the trainer, with atomic checkpoint writes and ``weights_only`` loads (see ``checkpoint_io``)."""
-        trainer = super().instantiate_trainer(**kwargs)
+        """Build the trainer, with atomic checkpoint writes and ``weights_only`` loads (see ``checkpoint_io``); a
+        setting Lightning refuses is one error."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            raise PearError(f"trainer: {' '.join(str(err).split())}") from err
         use_atomic_checkpoints(trainer)
         return trainer
+
+    def before_fit(self) -> None:
+        """Check everything fit can before it starts (``preflight.check_fit``)."""
+        check_fit(self.trainer, self.model)
+
+    def before_validate(self) -> None:
+        """Refuse ``validate`` without validation data, or with logs it could not write."""
+        self._check_evaluation("validate", "val")
+
+    def before_test(self) -> None:
+        """Refuse ``test`` without test data, or with logs it could not write."""
+        self._check_evaluation("test", "test")
+
+    def before_predict(self) -> None:
+        """Refuse ``predict`` without predict data, or with logs it could not write."""
+        self._check_evaluation("predict", "predict")
+
+    def _check_evaluation(self, command: str, split: str) -> None:
+        check_strategy(self.trainer.strategy)
+        if not self.datamodule.paths[split]:
+            raise PearError(
+                f"{command}: data.{split}_path is not set, so there is nothing to {command}; give it a .jsonl, "
+                ".json or .parquet file or folder"
+            )
+        check_outputs(self.trainer)
 
 
 def _build_weighting(cls: type[WeightingStrategy], *args: Any, **kwargs: Any) -> WeightingStrategy:

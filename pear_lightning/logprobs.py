@@ -9,6 +9,7 @@ one pass, kept for backward (the fastest); otherwise the largest chunk that fits
 projection recomputed in backward (activation checkpointing), so at most one chunk's logits are alive.
 Models whose logits are not a plain linear map of the last hidden state (soft-capping, logit scaling,
 a bias) take the plain path: the model's own logits, of which only the scored positions are used.
+Under a sampler's settings (``sampling``, for scoring π_β) the rows go through ``processing`` instead.
 
 Indexing is by flat positions (``scored_positions``), which collation computes on the CPU, so no
 step of this path waits for the device.
@@ -22,11 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .processing import SamplingSettings, processed_logprobs
+
 # Config attributes that make the logits something other than lm_head(hidden).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 CUDA_BUDGET_FRACTION = 0.5  # of the device memory free when the log-probs are computed
 CPU_BUDGET_BYTES = 1 << 30
 MIN_CHUNK = 128
+# Bytes per logit a sampler's processing takes (fp32 copies, a sort's values and int64 indices, a cumulative sum),
+# passed to ``plan_chunks`` as an item size: 2 · 12 + 4 = 28.
+PROCESSED_ITEMSIZE = 12
 
 ChunkSize = int | Literal["auto"]
 
@@ -95,11 +101,23 @@ def _compute_itemsize(weight: Tensor) -> int:
     return dtype.itemsize
 
 
-def _head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor) -> Tensor:
-    return TargetLogSoftmax.apply(head(hidden), targets)
+def _logprobs(logits: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+    if sampling is None or sampling.raw:
+        return TargetLogSoftmax.apply(logits, targets)
+    return processed_logprobs(logits, targets, sampling)
 
 
-def head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: ChunkSize = "auto") -> Tensor:
+def _head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+    return _logprobs(head(hidden), targets, sampling)
+
+
+def head_logprobs(
+    head: nn.Linear,
+    hidden: Tensor,
+    targets: Tensor,
+    chunk_size: ChunkSize = "auto",
+    sampling: SamplingSettings | None = None,
+) -> Tensor:
     """fp32 ``log_softmax(head(hidden))`` at ``targets``, in chunks of rows (see ``plan_chunks``).
 
     Args:
@@ -107,20 +125,25 @@ def head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: 
         hidden: [N, H] hidden states of the scored positions.
         targets: [N] the token ids they predict.
         chunk_size: rows per chunk, each recomputed in backward; ``auto`` chooses from the memory budget.
+        sampling: score under a sampler's processed distribution (see ``processing``); None: the raw log-softmax.
 
     Returns:
         [N] float32 log-probs, differentiable w.r.t. ``hidden`` and the head.
     """
     if chunk_size == "auto":
         budget = memory_budget(hidden.device)
-        rows, keep = plan_chunks(len(targets), head.out_features, _compute_itemsize(head.weight), budget)
+        processed = sampling is not None and not sampling.raw
+        itemsize = PROCESSED_ITEMSIZE if processed else _compute_itemsize(head.weight)
+        rows, keep = plan_chunks(len(targets), head.out_features, itemsize, budget)
     else:
         rows, keep = chunk_size, False
     if keep:
-        return _head_logprobs(head, hidden, targets)
+        return _head_logprobs(head, hidden, targets, sampling)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     chunks = [
-        checkpoint(_head_logprobs, head, h, y, use_reentrant=False) if recompute else _head_logprobs(head, h, y)
+        checkpoint(_head_logprobs, head, h, y, sampling, use_reentrant=False)
+        if recompute
+        else _head_logprobs(head, h, y, sampling)
         for h, y in zip(hidden.split(rows), targets.split(rows))
     ]
     return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
@@ -142,6 +165,7 @@ def target_logprobs(
     loss_mask: Tensor,
     chunk_size: ChunkSize = "auto",
     scored: Tensor | None = None,
+    sampling: SamplingSettings | None = None,
 ) -> Tensor:
     """Return log π(input_ids[b, t] | the tokens before it in its sequence) at every scored loss position, else 0.
 
@@ -153,6 +177,8 @@ def target_logprobs(
         chunk_size: loss tokens per chunk of the vocabulary projection, each recomputed in backward; ``auto``
             chooses from a memory budget (see ``plan_chunks``); 0 takes the plain path (the model's own logits).
         scored: ``scored_positions(loss_mask, position_ids)``, if already computed (on the CPU, by collation).
+        sampling: score under a sampler's processed distribution (temperature, top-k, top-p, min-p); -inf for a
+            token outside its kept set. None: the model's own log-softmax.
 
     Returns:
         [B, T] float32 log-probs aligned with ``input_ids``, differentiable w.r.t. the model.
@@ -164,10 +190,10 @@ def target_logprobs(
     parts = separable_head(model) if chunk_size != 0 else None
     if parts is None:
         logits = model(**inputs, use_cache=False).logits
-        logp = TargetLogSoftmax.apply(logits.flatten(0, 1)[scored - 1], targets)
+        logp = _logprobs(logits.flatten(0, 1)[scored - 1], targets, sampling)
     else:
         decoder, head = parts
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
-        logp = head_logprobs(head, hidden.flatten(0, 1)[scored - 1], targets, chunk_size)
+        logp = head_logprobs(head, hidden.flatten(0, 1)[scored - 1], targets, chunk_size, sampling)
     out = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=loss_mask.device)
     return out.index_put((scored,), logp).view(loss_mask.shape)

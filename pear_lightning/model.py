@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from . import attention  # noqa: F401  (registers pear_varlen with transformers)
-from .errors import LOAD_ERRORS, PearError, load_error
+from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .lora import LoraSettings, apply_lora
 from .sharding import shard_model
 
@@ -40,6 +40,7 @@ def load_model(
     Returns:
         The model, and whether the memory-lean (chunked) log-prob path can reach its lm_head.
     """
+    refuse_missing("model.model_name_or_path", path)
     options = _quantization(load_in_4bit, lora)
     if attn_implementation:
         options["attn_implementation"] = attn_implementation

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel
@@ -17,17 +16,16 @@ from transformers import PreTrainedModel
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
 from .attention import model_inputs
-from .diagnostics import StrategyDiagnostics, TokenThroughput, logging_step
-from .errors import PearError
+from .diagnostics import StepDiagnostics, log_step, logging_step
 from .logprobs import ChunkSize, target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms, nll_sum
 from .model import check_checkpoint, load_model, trainable_keys
-from .schedule import with_run_length
-from .step import StepBooks, nonfinite_gradients, scale_gradients
+from .processing import SamplingSettings
+from .schedule import build_optimization
+from .step import StepBooks, check_strategy, scale_gradients
 
 DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
-DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
 
 
 class PearModule(L.LightningModule):
@@ -41,23 +39,24 @@ class PearModule(L.LightningModule):
     Args:
         model_name_or_path: a Hugging Face hub name or a local folder holding a causal LM.
         weighting: the weighting strategy, by class name (``UniformSFT``) or with arguments.
-        loss_normalizer: what the summed token losses are divided by: ``tokens``, the number of loss
-            tokens (the default: a weight below 1 shrinks that token's gradient), or ``weights``, the
-            sum of the weights (self-normalised importance sampling: only relative weights matter).
-        logprob_chunk_size: loss tokens projected to the vocabulary at once, each chunk recomputed in backward (bounds
-            its memory); ``auto``: all at once and kept when they fit a memory budget (half the free GPU memory, 1 GiB
-            on a CPU), else the largest chunk that fits; 0: the model's own full logits.
-        lora: train LoRA adapters on the frozen model instead of all its weights; checkpoints hold only the adapters.
+        loss_normalizer: what the step's summed token losses are divided by: ``tokens``, its loss tokens (a weight
+            below 1 shrinks that token's gradient), or ``weights``, Σ weights (self-normalised: only ratios matter).
+        logprob_chunk_size: loss tokens projected to the vocabulary at once (recomputed in backward); 0: full logits;
+            ``auto``: all, kept, if they fit a budget (half the free GPU memory, 1 GiB on CPU), else the most that fit.
+        lora: train LoRA adapters on the frozen model instead of all its weights (checkpoints hold the adapters).
         gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
         load_in_4bit: QLoRA: the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU; needs ``lora``).
         attn_implementation: transformers' (``sdpa``, ``eager``, ``flash_attention_2``…; default: its own choice), or
             ``pear_varlen``: torch's FlashAttention varlen kernel for packed batches on CUDA (else SDPA).
         trust_remote_code: allow the model folder or hub repository to run its own code.
-        max_nonfinite_steps: optimizer steps that may be skipped because their loss or gradient holds a NaN or an
-            infinity (on any micro-batch of any rank); a skipped step leaves the weights, the optimizer state and the
-            learning-rate schedule as they were and warns with its example ids. One more stops the run (0: the
-            first one does).
-        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters only.
+        max_nonfinite_steps: optimizer steps that may be skipped for a NaN or an infinity in their loss or gradient
+            (any micro-batch, any rank): weights, optimizer state and schedule stay as they were, a warning names the
+            examples. One more stops the run (0: the first one does).
+        saturation_warning: warn once when more than this fraction of the loss tokens of the logging steps of 20
+            optimizer steps (at least one) have their log-weight at a clip bound (saturated IS weights); 1: never.
+        float32_matmul_precision: on a CUDA GPU, how fp32 matrix products may run (torch's setting): ``high``
+            lets tensor cores use TF32 (mixed-precision compute is bf16 anyway), ``highest`` keeps full fp32.
+        optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters.
         lr_scheduler: set by the CLI's ``lr_scheduler:`` key; default none (constant learning rate).
     """
 
@@ -73,21 +72,27 @@ class PearModule(L.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 3,
+        saturation_warning: float = 0.5,
+        float32_matmul_precision: Literal["highest", "high", "medium"] = "high",
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if max_nonfinite_steps < 0:
-            raise PearError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.save_hyperparameters(ignore=["weighting", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain data: checkpoints load weights_only
         self.weighting = weighting
         self.model: PreTrainedModel | None = None
         self.chunk_size = logprob_chunk_size
+        self.scoring: SamplingSettings | None = None  # predict_step's distribution (cache_logprobs sets it); None: raw
         self.books = StepBooks(max_nonfinite_steps)
-        self.diagnostics = StrategyDiagnostics()
-        self.throughput = TokenThroughput()
+        self.diagnostics = StepDiagnostics(saturation_warning)
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Refuse a training strategy the step's normalisation cannot serve; on CUDA, set the fp32 matmul precision."""
+        check_strategy(self.trainer.strategy)
+        if self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
 
     def configure_model(self) -> None:
         """Load the model (once); Lightning then applies the precision (see ``model.load_model``)."""
@@ -112,14 +117,15 @@ class PearModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (or another LoRA setup) before any weight is loaded."""
         setup = f"{self.hparams.model_name_or_path}, lora={'on' if self.hparams.lora else 'off'}"
-        check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
+        if "state_dict" in checkpoint:  # absent from a sharded one: its strategy loaded the weights itself, strictly
+            check_checkpoint(self.checkpointed_keys(), self.state_dict(), checkpoint["state_dict"], setup)
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
-    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
-        """Score a collated batch, padded or packed (see ``collate``): fp32 log-probs of its tokens."""
+    def token_batch(self, batch: dict[str, Any], sampling: SamplingSettings | None = None) -> TokenBatch:
+        """fp32 log-probs of a collated batch, padded or packed (under a sampler's distribution given ``sampling``)."""
         inputs = model_inputs(batch, self.model.config._attn_implementation)
         mask, segments = batch["loss_mask"], batch.get("segment_ids")
-        logp = target_logprobs(self.model, inputs, mask, self.chunk_size, batch.get("scored"))
+        logp = target_logprobs(self.model, inputs, mask, self.chunk_size, batch.get("scored"), sampling)
         return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"), segment_ids=segments)
 
     def loss_terms(self, batch: dict[str, Any], metrics: bool = True) -> LossTerms:
@@ -131,8 +137,7 @@ class PearModule(L.LightningModule):
         Diagnostics and throughput are computed and logged on logging steps only (``trainer.log_every_n_steps``)."""
         terms = self.loss_terms(batch, metrics=(logs := logging_step(self.trainer)))
         self.books.add(terms, batch["ids"])
-        self.diagnostics.log(self, terms.metrics, terms.num_tokens)
-        self.throughput.log(self, batch["num_tokens"], logs)
+        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"], logs)
         return terms.total
 
     def optimizer_step(
@@ -147,18 +152,12 @@ class PearModule(L.LightningModule):
         on zeroed gradients); else rescale the gradient (undo Lightning's division by ``accumulate_grad_batches`` and
         the mean over ranks, divide by the step's normaliser; clipping, in ``optimizer.step``, sees it) and update."""
         loss = optimizer_closure() if optimizer_closure is not None else None
-        world = self.trainer.world_size
-        where = f"global step {self.trainer.global_step}" + (f", rank {self.trainer.global_rank}" if world > 1 else "")
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: the scaler skips overflows itself
-        flag = nonfinite_gradients(self.parameters() if scaler is None else [], self.device)
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t)
-        totals = self.books.close(reduce, flag, where)
-        if totals.skipped or logging_step(self.trainer):  # CPU tensors: see TokenThroughput.log
-            self.log("train/skipped_steps", torch.tensor(float(self.books.skipped_steps)))
+        totals = self.books.close(self.trainer, self.parameters())
+        log_step(self, totals, self.books.skipped_steps, optimizer.param_groups[0]["lr"])  # the schedule steps after
         if totals.skipped:
             return
-        self.log("train/loss", torch.tensor(totals.mean_loss), prog_bar=True)
-        scale_gradients(self.parameters(), self.trainer.accumulate_grad_batches * world / max(totals.normalizer, 1e-8))
+        accumulated = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        scale_gradients(self.parameters(), accumulated / max(totals.normalizer, 1e-8))
         optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
@@ -181,19 +180,20 @@ class PearModule(L.LightningModule):
         self.log(name, metric, prog_bar=name == "val/loss", batch_size=len(batch["ids"]))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Score the batch's response tokens: ``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` of all its
-        response tokens with each example's ``lengths`` (tensors, so Lightning does not walk long Python lists)."""
-        tokens = self.token_batch(batch)
+        """``ids``, and the flat ``token_ids`` and fp32 ``logprobs`` (under ``scoring``; -inf: outside its kept set) of
+        the response tokens with each example's ``lengths`` (tensors: Lightning does not walk long Python lists)."""
+        tokens = self.token_batch(batch, self.scoring)
         scored = {"token_ids": batch["input_ids"][tokens.mask], "logprobs": tokens.logp[tokens.mask]}
         return {"ids": batch["ids"], **scored, "lengths": tokens.mask.sum(dim=1)}
 
     def configure_optimizers(self) -> Any:
-        """Build the configured optimizer over the trainable parameters, and its scheduler if any (a length the
-        config leaves out is the run's, see ``schedule.with_run_length``)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate_class(params, self.hparams.optimizer or DEFAULT_OPTIMIZER)
-        if not self.hparams.lr_scheduler:
+        """The configured optimizer over the trainable parameters, and its schedule if any, stepped every optimizer step
+        (a length the config leaves out is the run's, see ``schedule.build_optimization``)."""
+        params, run_steps = [p for p in self.parameters() if p.requires_grad], self._run_steps
+        optimizer, scheduler = build_optimization(params, self.hparams.optimizer, self.hparams.lr_scheduler, run_steps)
+        if scheduler is None:
             return optimizer
-        config = with_run_length(self.hparams.lr_scheduler, lambda: self.trainer.estimated_stepping_batches)
-        scheduler = instantiate_class(optimizer, config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _run_steps(self) -> float:
+        return self.trainer.estimated_stepping_batches

@@ -1,4 +1,5 @@
-"""Learning-rate schedules whose length and peak the config need not repeat.
+"""The optimizer and its learning-rate schedule, built from the config; schedules whose length and peak the config
+need not repeat.
 
 A schedule that takes ``total_steps`` and leaves it unset gets the run's number of optimizer steps
 (``trainer.max_steps``, or what the epochs come to), so ``max_steps`` is stated once. ``OneCycleLR``
@@ -13,7 +14,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch.cli import instantiate_class
+from torch import nn
 from torch.optim import Optimizer, lr_scheduler
+
+from .errors import PearError
+
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}
 
 
 class OneCycleLR(lr_scheduler.OneCycleLR):
@@ -44,3 +51,32 @@ def with_run_length(config: dict[str, Any], run_steps: Callable[[], float]) -> d
     if unset and math.isfinite(steps := run_steps()):
         init_args["total_steps"] = int(steps)
     return {**config, "init_args": init_args}
+
+
+def build_optimization(
+    params: list[nn.Parameter],
+    optimizer: dict[str, Any] | None,
+    scheduler: dict[str, Any] | None,
+    run_steps: Callable[[], float],
+) -> tuple[Optimizer, lr_scheduler.LRScheduler | None]:
+    """The configured optimizer over ``params`` (default AdamW(lr=1e-5)) and its schedule, if any, lasting
+    ``run_steps()`` optimizer steps where the config leaves the length unset.
+
+    Raises:
+        PearError: naming the setting whose class refuses its arguments (a negative learning rate...).
+    """
+    config = optimizer or DEFAULT_OPTIMIZER
+    try:
+        built = instantiate_class(params, config)
+    except (ValueError, TypeError) as err:
+        raise PearError(f"optimizer: {_name(config)}: {err}") from err
+    if not scheduler:
+        return built, None
+    try:
+        return built, instantiate_class(built, with_run_length(scheduler, run_steps))
+    except (ValueError, TypeError, ZeroDivisionError) as err:
+        raise PearError(f"lr_scheduler: {_name(scheduler)}: {err}") from err
+
+
+def _name(config: dict[str, Any]) -> str:
+    return config["class_path"].rpartition(".")[2]

@@ -18,6 +18,18 @@ from .errors import PearError, looks_local
 # readers (a hub name still downloads as usual).
 datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file suffix → datasets builder
+# What `datasets` would also read from a folder, each as its own format.
+OTHER_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow", ".xml": "xml", ".sql": "sql"}
+GENERATED = "generate"  # the `kind` in the manifest of a folder written by `python -m pear_lightning generate`
+
+
+def generated_manifest(path: str | None) -> dict | None:
+    """The manifest of a finished folder written by ``python -m pear_lightning generate``; None for other sources."""
+    file = Path(path) / "manifest.json" if path else None
+    if file is None or not file.is_file():
+        return None
+    manifest = json.loads(file.read_text())
+    return manifest if manifest.get("kind") == GENERATED else None
 
 
 def load_examples(path: str) -> Dataset:
@@ -29,9 +41,18 @@ def load_examples(path: str) -> Dataset:
     """
     local = Path(path)
     if local.is_dir():
+        if (manifest := generated_manifest(path)) is not None:
+            return _load_generated(local, manifest)
+        progress = local / "progress.json"
+        if progress.is_file() and json.loads(progress.read_text()).get("kind") == GENERATED:
+            raise PearError(
+                f"{path}: holds an unfinished `generate` output (no manifest.json); run the same generate command "
+                "again to finish it"
+            )
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
             dataset = load_from_disk(str(local))
             return dataset["train"] if hasattr(dataset, "keys") else dataset
+        check_one_format(local)
         try:
             with quiet_reader():
                 return load_dataset(str(local), split="train")
@@ -52,6 +73,46 @@ def load_examples(path: str) -> Dataset:
         return load_dataset(path, split="train")
     except Exception as err:  # the hub's errors vary by version; the path is the useful part
         raise PearError(f"{path}: no such file or folder, and not loadable as a hub dataset ({err})") from err
+
+
+def check_one_format(folder: Path) -> None:
+    """Refuse a data folder whose files are of several formats (``datasets`` would read one and skip the rest) or
+    hold no data file at all.
+
+    Raises:
+        PearError: naming the folder and how many files of each format it holds.
+    """
+    files = [
+        f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+    ]
+    formats: dict[str, int] = {}
+    for f in files:
+        kind = DATA_SUFFIXES.get(f.suffix) or OTHER_FORMATS.get(f.suffix)
+        if kind is not None:
+            formats[kind] = formats.get(kind, 0) + 1
+    if len(formats) > 1:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(formats.items()))
+        raise PearError(
+            f"{folder}: holds data files of {len(formats)} formats ({counts}); only one would be read: keep one "
+            "format per data folder (.jsonl/.json or .parquet)"
+        )
+    if not formats or next(iter(formats)) not in DATA_SUFFIXES.values():
+        raise PearError(f"{folder}: holds no .jsonl, .json or .parquet file; put the examples in one of those formats")
+
+
+def _load_generated(folder: Path, manifest: dict) -> Dataset:
+    """The responses of a finished ``generate`` folder: its Parquet shards, in order."""
+    missing = [s["file"] for s in manifest["shards"] if not (folder / s["file"]).is_file()]
+    if missing:
+        raise PearError(
+            f"{folder}: shard {missing[0]} of this `generate` output is missing; run the generate command that made it "
+            f"again (same options, --output {folder}) to write it anew"
+        )
+    files = [str(folder / s["file"]) for s in manifest["shards"] if s["rows"]]
+    if not files:
+        raise PearError(f"{folder}: holds no responses (the verifier kept none of {manifest['samples']} samples)")
+    with quiet_reader():
+        return load_dataset("parquet", data_files=files, split="train")
 
 
 def no_examples(path: str | Path) -> str:

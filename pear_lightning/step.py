@@ -14,10 +14,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from torch import nn
 
 from .errors import PearError
 from .loss import LossTerms
+
+# Where the gradients are the parameters' `.grad`, which `scale_gradients` rescales before the update.
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,11 @@ class StepTotals:
     def mean_loss(self) -> float:
         """The step's loss: Σ token losses over its normaliser."""
         return self.loss / max(self.normalizer, 1e-8)
+
+    @property
+    def mean_nll(self) -> float:
+        """The step's plain SFT loss: the token-mean negative log-likelihood, whatever the weighting."""
+        return self.nll / max(self.num_tokens, 1)
 
 
 def nonfinite_gradients(parameters: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
@@ -56,6 +73,8 @@ class StepBooks:
     """
 
     def __init__(self, max_nonfinite_steps: int) -> None:
+        if max_nonfinite_steps < 0:
+            raise PearError(f"model.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_steps = 0  # in this run, checkpointed
         self.last_skipped = False
@@ -68,18 +87,19 @@ class StepBooks:
         self._sums = sums if self._sums is None else self._sums + sums
         self._batches.append((ids, sums[:2].isfinite().all()))
 
-    def close(self, reduce_sum, nonfinite_grads: torch.Tensor, where: str) -> StepTotals:
-        """Close the step: one all-reduce (``reduce_sum``) of its sums and of the non-finite gradient flag, one copy
-        to the host; warn (and count) if it must be skipped, or stop the run past ``max_nonfinite_steps``.
-
-        Args:
-            reduce_sum: sums a tensor over the data-parallel ranks (identity on one device).
-            nonfinite_grads: this rank's ``nonfinite_gradients``.
-            where: names the step in messages, e.g. ``global step 12, rank 1``.
-        """
-        local = torch.cat([self._sums, nonfinite_grads.reshape(1).to(self._sums)])
+    def close(self, trainer: Trainer, parameters: Iterable[nn.Parameter]) -> StepTotals:
+        """Close the step once its last backward is done: one all-reduce of its sums and of whether any rank's
+        gradients (its own shards) are non-finite, one copy to the host; warn (and count) if the step must be
+        skipped, or stop the run past ``max_nonfinite_steps``. Under a gradient scaler (fp16) overflowing gradients
+        are routine and the scaler skips them itself: only the loss is checked."""
+        world = trainer.world_size
+        where = f"global step {trainer.global_step}" + (f", rank {trainer.global_rank}" if world > 1 else "")
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        flag = nonfinite_gradients(parameters if scaler is None else [], self._sums.device)
+        local = torch.cat([self._sums, flag.reshape(1).to(self._sums)])
         batches, self._sums, self._batches = self._batches, None, []
-        loss, normalizer, nll, num_tokens, nonfinite = reduce_sum(local).tolist()
+        summed = trainer.strategy.reduce(local, reduce_op="sum") if world > 1 else local
+        loss, normalizer, nll, num_tokens, nonfinite = summed.tolist()
         loss_finite = math.isfinite(loss) and math.isfinite(normalizer)
         self.last_skipped = not loss_finite or nonfinite > 0
         if self.last_skipped:
@@ -117,3 +137,18 @@ def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> None:
 def _local(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each gradient, or this rank's shard of it (FSDP2's DTensors)."""
     return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse a training strategy whose gradients do not live in the parameters' ``.grad`` (DeepSpeed's ZeRO keeps
+    them in its own buffers): the step's normalisation would silently do nothing there.
+
+    Raises:
+        PearError: naming the strategy and the ones that work.
+    """
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise PearError(
+            f"trainer.strategy: {type(strategy).__name__} cannot be used: the loss of an optimizer step is normalised "
+            "by rescaling the parameters' .grad before the update, and this strategy keeps its gradients elsewhere "
+            "(the rescale would silently do nothing); use auto (one device), ddp, fsdp or ModelParallelStrategy (FSDP2)"
+        )

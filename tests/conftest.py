@@ -125,3 +125,36 @@ def assert_refused(args: list[str], capsys, run_dir: Path, expected: str) -> Non
     assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {expected}"]
     assert "Traceback" not in err
     assert not list(run_dir.glob("**/*.ckpt")) and not list(run_dir.glob("**/metrics.csv"))
+
+
+GOOD = [{"id": f"g{i}", "prompt": f"Compute {i}+1.", "completion": f"#### {i + 1}"} for i in range(4)]  # valid rows
+
+
+def fit_args(run_dir, model, train, *extra):
+    """A one-step CPU run with a CSV logger under ``run_dir/runs`` (no demo config, no callbacks)."""
+    return [
+        "fit",
+        "--model.model_name_or_path",
+        str(model),
+        "--data.train_path",
+        str(train),
+        "--data.batch_size",
+        "2",
+        "--data.max_length",
+        "64",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(run_dir / "runs"),
+        "--trainer.default_root_dir",
+        str(run_dir / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]

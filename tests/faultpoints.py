@@ -6,6 +6,8 @@ PYTHONPATH); it does nothing unless ``PEAR_FAULT`` is set to one of:
     step:K      during optimizer step K (after its backward, before its update)
     save:K      while the checkpoint of step K is being written: half of its bytes are on disk
     rename:K    once the checkpoint of step K is completely written, before it is renamed into place
+    shards:K    while the sharded (FSDP2) checkpoint of step K is being written: every rank has written its
+                shards, and dies before the checkpoint is complete
     predict:K   during predict batch K (counted from 1 over the whole run: cache_logprobs scoring)
     shard:K     while Parquet file K (counted from 1) is being written: half of its bytes are on disk
 
@@ -73,6 +75,16 @@ class KillSwitch(L.Callback):
             torch.save = save_half
         elif self.point == "rename":
             os.replace = lambda *args, **kwargs: die()
+        elif self.point == "shards":
+            import torch.distributed.checkpoint as dcp
+
+            save = dcp.save
+
+            def save_and_die(*args: Any, **kwargs: Any) -> None:
+                save(*args, **kwargs)
+                die()
+
+            dcp.save = save_and_die
 
     def on_predict_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.predict_batches += 1

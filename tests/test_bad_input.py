@@ -13,7 +13,7 @@ from importlib.metadata import EntryPoint
 import lightning as L
 import pytest
 import torch
-from conftest import DEMO, assert_refused, demo_rows, run_cli, write_jsonl
+from conftest import DEMO, GOOD, assert_refused, demo_rows, fit_args, run_cli, write_jsonl
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,38 +22,6 @@ from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_
 from pear_lightning.cli import main
 from pear_lightning.errors import PearError
 from pear_lightning.lightning_cli import DEBUG_ENV
-
-GOOD = [{"id": f"g{i}", "prompt": f"Compute {i}+1.", "completion": f"#### {i + 1}"} for i in range(4)]
-
-
-def fit_args(run_dir, model, train, *extra):
-    """A one-step CPU run with a CSV logger under ``run_dir/runs`` (no demo config, no callbacks)."""
-    return [
-        "fit",
-        "--model.model_name_or_path",
-        str(model),
-        "--data.train_path",
-        str(train),
-        "--data.batch_size",
-        "2",
-        "--data.max_length",
-        "64",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.max_steps",
-        "1",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir",
-        str(run_dir / "runs"),
-        "--trainer.default_root_dir",
-        str(run_dir / "runs"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize(
@@ -282,7 +250,7 @@ def spoil_model(model, how):
 @pytest.mark.parametrize(
     ("how", "expected"),
     [
-        ("no-such-folder", "data.tokenizer_name_or_path='{model}': no such folder"),
+        ("no-such-folder", "model.model_name_or_path='{model}': no such folder"),
         (
             "config-not-json",
             "data.tokenizer_name_or_path='{model}': cannot load a tokenizer: It looks like the config file at "
@@ -378,8 +346,8 @@ def test_a_checkpoint_path_that_names_nothing_is_refused_before_anything_is_writ
         fit_args(run_dir, tiny_model_dir, path, "--ckpt_path", str(missing)),
         capsys,
         run_dir,
-        f"--ckpt_path {missing}: file not found; give a checkpoint written by fit (in its log folder's checkpoints/), "
-        "or `last` to resume from the newest one",
+        f"--ckpt_path {missing}: file not found; give a checkpoint written by fit (a .ckpt file, or the folder a "
+        "sharded run writes), or `last` to resume from the newest one",
     )
     assert not (run_dir / "runs").exists()
 
@@ -414,5 +382,5 @@ def test_a_row_without_messages_or_prompt_is_named_by_file_and_row(run_dir, tiny
     bad = write_jsonl(
         run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
     )
-    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['id', 'text']"
+    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings), or a prompt with its generator's `token_ids`; found fields ['id', 'text']"
     assert_refused(fit_args(run_dir, tiny_model_dir, bad), capsys, run_dir, expected)

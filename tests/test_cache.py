@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import BEHAVIOR, DEMO, REPO, STUDENT, assert_refused, run_cli, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cache import PROGRESS, write_shard
@@ -69,7 +70,8 @@ def read_cache(folder):
 def test_the_cache_reproduces_the_shipped_behaviour_logprobs(workdir, cache):
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]["train"]] == [50, 50, 20]
-    assert manifest["temperature"] == 1.0 and manifest["raw_distribution"] is True
+    raw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "order": "transformers"}
+    assert all(manifest["splits"][split]["sampling"] == raw for split in ("train", "val"))
     assert manifest["behavior_model"] == str(BEHAVIOR) and manifest["precision"] == "32-true"
     shipped = {r["id"]: r for split in ("train", "val") for r in map(json.loads, open(workdir / f"{split}.jsonl"))}
     cached = [row for rows in read_cache(cache).values() for row in rows]
@@ -205,7 +207,7 @@ def nan_logprob(row):
     return row
 
 
-MISMATCH = "whose cached token_ids differ from the trainer's response tokens (ids or length)"
+MISMATCH = "whose token_ids differ from the trainer's response tokens, or whose logprobs are not one per token"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +216,12 @@ MISMATCH = "whose cached token_ids differ from the trainer's response tokens (id
         ("train-00001.parquet", 7, drop_row, "missing from the behaviour log-probs"),
         ("train-00000.parquet", 3, bump_token, MISMATCH),
         ("train-00002.parquet", 0, cut_row, MISMATCH),
-        ("train-00000.parquet", 9, nan_logprob, "with NaN or infinite log-probs"),
+        (
+            "train-00000.parquet",
+            9,
+            nan_logprob,
+            "with NaN, infinite or positive log-probs (a log-probability is finite and <= 0)",
+        ),
     ],
     ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
 )
@@ -227,12 +234,13 @@ def test_a_spoilt_row_stops_training(workdir, cache, tmp_path, capsys, run_dir, 
         return rows[:index] + ([changed] if changed is not None else []) + rows[index + 1 :]
 
     spoilt, _ = spoil(cache, tmp_path, shard, spoil_one)
+    row = 50 * int(shard[len("train-") : -len(".parquet")]) + index + 1  # the data file's row, counted from 1
     assert_refused(
         fit_args(workdir, spoilt, tmp_path),
         capsys,
         tmp_path,
         f"{workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
-        f"log-probs: 1 {clause} (first: {spoilt_id[0]}). {ADVICE}",
+        f"log-probs: 1 {clause} (first: row {row} (id {spoilt_id[0]})). {ADVICE}",
     )
 
 
@@ -338,3 +346,41 @@ def test_inspect_logprobs_needs_logprobs(tmp_path, capsys, run_dir):
         f"error: {plain}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
         "`python -m pear_lightning cache_logprobs`, or give the data `token_ids` and `logprobs` columns"
     )
+
+
+def test_a_cache_of_another_sampling_distribution_is_refused(workdir, cache, tmp_path, capsys, run_dir):
+    """The cache scored the raw distribution; data declared as sampled at temperature 0.7 must not join it."""
+    assert_refused(
+        fit_args(workdir, cache, tmp_path) + ["--data.sampling.temperature", "0.7"],
+        capsys,
+        tmp_path,
+        f"data.logprobs_path={cache}: scored the train data under temperature 1, no top-k/top-p/min-p (the raw "
+        "distribution), but it was sampled with temperature 0.7; those log-probs are not π_β of this data. Set "
+        "data.sampling to how the data was really sampled (a `generate` folder records it) and " + REDO.format(cache),
+    )
+
+
+def test_a_token_outside_the_kept_set_is_one_error_naming_the_example(workdir, tmp_path, capsys, run_dir):
+    """Scored as if sampled with top-k 1, every response token that is not the behaviour model's most likely one is
+    outside the kept set; the first shard's count and first example are found here with a plain forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(BEHAVIOR).eval()
+    tokenizer = AutoTokenizer.from_pretrained(BEHAVIOR)
+    outside = []
+    for row in map(json.loads, list(open(workdir / "train.jsonl"))[:50]):
+        prompt = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + row["token_ids"]])).logits[0, len(prompt) - 1 : -1]
+        wrong = (logits.argmax(-1) != torch.tensor(row["token_ids"])).nonzero()
+        if len(wrong):
+            outside.append((row["id"], int(wrong[0]), row["token_ids"][int(wrong[0])]))
+    output = tmp_path / "topk1"
+    code, _, err = run_cli(cache_args(workdir, output, "--data.sampling.top_k", "1"), capsys)
+    assert code == 2 and len(outside) > 1
+    first = outside[0]
+    assert err.strip().splitlines()[-1] == (
+        f"error: {workdir / 'train.jsonl'}: {len(outside)} of 50 examples scored here hold a response token outside "
+        f"the kept set of temperature 1, top_k 1 (first: id {first[0]}, response token {first[1]}, id {first[2]}), "
+        "so they were not sampled with those settings; set data.sampling to the settings the generator used, or "
+        "remove those examples"
+    )
+    assert not list(output.glob("*.parquet")) and not (output / "manifest.json").exists()

@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import DEMO, STUDENT, conversation, demo_rows, write_jsonl
 from datasets import Dataset
+from transformers import AutoTokenizer
 
 from pear_lightning import PearDataModule
 from pear_lightning.errors import PearError
@@ -94,17 +95,20 @@ ADVICE = (
 )
 
 
-def test_changed_token_ids_stop_before_training(tmp_path):
+def test_logprobs_that_do_not_line_up_stop_before_training(tmp_path):
     rows = demo_rows(5, "val")
-    rows[1]["token_ids"][3] += 1
-    rows[3]["token_ids"] = rows[3]["token_ids"][:-1]  # a cached row cut short
-    rows[3]["logprobs"] = rows[3]["logprobs"][:-1]
+    rows[1]["logprobs"] = rows[1]["logprobs"][:-1]  # one log-prob short of the ids
+    # Two assistant turns: the text is rendered, and the ids (of the last turn only) cannot stand for both.
+    rows[3]["messages"] = rows[3]["messages"] + rows[3]["messages"]
+    # The sampler stopped on <|im_end|> and the dump left it out: it is trained, but the data has no log-prob for it.
+    rows[4].update(token_ids=rows[4]["token_ids"][:-1], logprobs=rows[4]["logprobs"][:-1], finish_reason="stop")
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(PearError) as err:
         joined(path)
     assert str(err.value) == (
-        f"{path}: 2 of 5 examples cannot be joined to their behaviour log-probs: 2 whose cached token_ids differ from "
-        f"the trainer's response tokens (ids or length) (first: {rows[1]['id']}, {rows[3]['id']}). {ADVICE}"
+        f"{path}: 3 of 5 examples cannot be joined to their behaviour log-probs: 3 whose token_ids differ from the "
+        "trainer's response tokens, or whose logprobs are not one per token (first: row 2 (id "
+        f"{rows[1]['id']}), row 4 (id {rows[3]['id']}), row 5 (id {rows[4]['id']})). {ADVICE}"
     )
 
 
@@ -116,14 +120,14 @@ def test_nan_logprob_stops_before_training(tmp_path):
     with pytest.raises(PearError) as err:
         joined(path)
     assert str(err.value) == (
-        f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN or infinite log-probs "
-        f"(first: {rows[0]['id']}). {ADVICE}"
+        f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN, infinite or positive "
+        f"log-probs (a log-probability is finite and <= 0) (first: row 1 (id {rows[0]['id']})). {ADVICE}"
     )
 
 
 def test_misaligned_examples_can_be_dropped_and_counted_up_to_a_fraction(tmp_path, caplog):
     rows = demo_rows(5, "val")
-    rows[2]["token_ids"][0] += 1
+    rows[2]["logprobs"] = rows[2]["logprobs"][1:]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     with caplog.at_level("INFO"):
         _, batch = joined(path, drop_misaligned=True, max_drop_fraction=0.2)
@@ -148,3 +152,33 @@ def test_truncation_keeps_the_logprobs_of_the_kept_prefix(tmp_path):
     kept = int(cut["loss_mask"].sum())
     assert kept == int(full["loss_mask"].sum()) - 3  # the 4th token cut is the template's newline
     assert cut["behavior_logp"][0][cut["loss_mask"][0]].tolist() == pytest.approx(rows[0]["logprobs"][:kept])
+
+
+def test_a_row_whose_text_retokenises_differently_trains_on_its_generator_ids(tmp_path, caplog):
+    """The sampler drew "Start" one letter at a time; the text would re-tokenise as one token. The row is trained on
+    the drawn ids with their log-probs, where re-tokenising would have refused it."""
+    tokenizer = AutoTokenizer.from_pretrained(STUDENT)
+    rows = demo_rows(3, "val")
+    text = "Start with 2+2=4. #### 4"
+    letters = tokenizer.convert_tokens_to_ids(["Ġ" if c == " " else c for c in text]) + [tokenizer.eos_token_id]
+    rows[1].update(messages=conversation("Compute 2+2.", text), token_ids=letters, logprobs=[-0.25] * len(letters))
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with caplog.at_level("INFO"):
+        _, batch = joined(path)
+    i = batch["ids"].index(rows[1]["id"])
+    assert batch["input_ids"][i][batch["loss_mask"][i]].tolist() == letters
+    assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == [-0.25] * len(letters)
+    assert f"train ({path}): 3 of 3 examples train on their generator's `token_ids` (not re-tokenised)" in caplog.text
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    size = len(AutoTokenizer.from_pretrained(STUDENT))
+    rows = demo_rows(3, "val")
+    rows[2]["token_ids"][4] = size
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(PearError) as err:
+        tokenized(path)
+    assert str(err.value) == (
+        f"{path} row 3 (id {rows[2]['id']}): `token_ids` holds {size}, not a token id of this tokenizer (its ids run "
+        f"from 0 to {size - 1}); the response ids must come from the tokenizer of data.tokenizer_name_or_path"
+    )

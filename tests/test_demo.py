@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import BEHAVIOR, DEMO, REPO
 
 from pear_lightning import PearDataModule, PearModule
@@ -92,3 +93,18 @@ def test_demo_models_are_small_fp32_llamas(name):
     assert config["model_type"] == "llama"
     size = sum(p.stat().st_size for p in (DEMO / "assets" / name).iterdir())
     assert size < 3_000_000
+
+
+def test_the_packaged_demo_config_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`--config demo` names the config that ships in the package, with the package's own model and data."""
+    monkeypatch.chdir(tmp_path)  # not the repository: configs/demo.yaml and pear_lightning/demo/ are not here
+    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
+    main(
+        ["fit", "--config", "demo", "--trainer.max_steps", "2", "--trainer.callbacks.init_args.max_examples", "4"]
+        + ["--trainer.enable_progress_bar", "false"]
+    )
+    (run,) = (tmp_path / "runs" / "demo").iterdir()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["model_name_or_path"] == str(DEMO / "assets" / "student")
+    assert config["data"]["train_path"] == str(DEMO / "data" / "train.jsonl")
+    assert (run / "metrics.csv").exists()

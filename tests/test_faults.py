@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from pear_lightning.atomic import atomic_write
 from pear_lightning.checkpoint_io import AtomicCheckpointIO
 from pear_lightning.cli import main
+from pear_lightning.errors import PearError
 from pear_lightning.lightning_cli import PearArgumentParser, PearCLI, tool_cli
 
 HERE = Path(__file__).resolve().parent
@@ -312,7 +313,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_and_no_temporar
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PearError, match=f"could not write the checkpoint {target} \\(disk full\\); the previous"):
         io.save_checkpoint({"step": 2}, target)
     assert io.load_checkpoint(target) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]

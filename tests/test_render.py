@@ -1,7 +1,7 @@
 """Loss masks are found by token position: exactly the assistant tokens and their end-of-turn token."""
 
 import pytest
-from conftest import conversation
+from conftest import conversation, demo_rows
 from transformers import AutoTokenizer
 
 from pear_lightning.errors import PearError
@@ -67,15 +67,15 @@ def test_truncation_keeps_the_start_and_is_reported(tokenizer):
     [
         (
             {"text": "hi"},
-            "data.jsonl row 3 (id q): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['text']",
+            "data.jsonl row 3 (id q): needs `messages` (chat) or `prompt` + `completion` (strings), or a prompt with its generator's `token_ids`; found fields ['text']",
         ),
         (
             {"prompt": "hi"},
-            "data.jsonl row 3 (id q): needs `messages` (chat) or `prompt` + `completion` (strings); found fields ['prompt']",
+            "data.jsonl row 3 (id q): needs `messages` (chat) or `prompt` + `completion` (strings), or a prompt with its generator's `token_ids`; found fields ['prompt']",
         ),
         (
             {"messages": [{"role": "user", "content": "hi"}]},
-            "data.jsonl row 3 (id q): `messages` has no assistant turn to train on",
+            "data.jsonl row 3 (id q): `messages` has no assistant turn to train on, and no generator `token_ids`",
         ),
         (
             {"messages": [{"role": "user"}]},
@@ -94,3 +94,83 @@ def test_ids_are_given_or_a_stable_content_hash():
     hashed = example_id({"prompt": "a", "completion": "b"})
     assert hashed == example_id({"completion": "b", "prompt": "a", "id": None})
     assert hashed != example_id({"prompt": "a", "completion": "c"}) and len(hashed) == 16
+
+
+def spelled_out(text, tokenizer) -> list[int]:
+    """``text`` as one token per character: ids a sampler can draw, which re-tokenising the text merges."""
+    return tokenizer.convert_tokens_to_ids(["Ġ" if c == " " else c for c in text])
+
+
+def test_generator_ids_are_trained_as_sampled_when_the_text_retokenises_differently(tokenizer):
+    text = "Start with 1+2=3. #### 3"
+    ids = spelled_out(text, tokenizer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    example = {"messages": conversation("Compute 1+2.", text)}
+    retokenised = tokenize_example(example, tokenizer, 256, "x")
+    assert [t for t, m in zip(retokenised["input_ids"], retokenised["loss_mask"]) if m] != ids  # the premise
+    tokens = tokenize_example(example, tokenizer, 256, "x", response_ids=ids)
+    prompt = tokenizer.apply_chat_template(conversation("Compute 1+2.", "")[:1], add_generation_prompt=True)
+    assert tokens["input_ids"] == prompt["input_ids"] + ids + tokenizer("\n")["input_ids"]
+    assert [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m] == ids
+    assert tokens["prompt_length"] == len(prompt["input_ids"]) and tokens["generated"]
+
+
+def test_the_demo_data_renders_the_same_from_its_ids_as_from_its_text(tokenizer):
+    """The shipped data's sampled ids re-tokenise to themselves, so passing them through changes nothing."""
+    keys = ("input_ids", "loss_mask", "num_loss_tokens", "prompt_length", "truncated")
+    for row in demo_rows(split="val") + demo_rows(300):
+        text = tokenize_example(row, tokenizer, 128, row["id"])
+        ids = tokenize_example(row, tokenizer, 128, row["id"], response_ids=row["token_ids"])
+        assert {k: text[k] for k in keys} == {k: ids[k] for k in keys}, row["id"]
+        assert ids["generated"] and not ids["end_of_turn_added"] and not ids["unfinished"]
+
+
+def test_every_prompt_form_gives_the_same_tokens(tokenizer):
+    ids = spelled_out("#### 3", tokenizer) + [tokenizer.eos_token_id]
+    forms = [
+        {"prompt": "Compute 1+2."},
+        {"prompt": "Compute 1+2.", "completion": "anything: the text is not used"},
+        {"messages": [{"role": "user", "content": "Compute 1+2."}]},
+        {"messages": conversation("Compute 1+2.", "anything")},
+    ]
+    first, *rest = (tokenize_example(f, tokenizer, 256, "x", response_ids=ids) for f in forms)
+    assert all(other == first for other in rest)
+
+
+def test_the_end_of_turn_token_is_added_only_when_the_sampler_stopped_on_it(tokenizer):
+    end, newline = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer("\n")["input_ids"]
+    ids = spelled_out("#### 3", tokenizer)
+    example = {"prompt": "Compute 1+2."}
+    closed = tokenize_example(example, tokenizer, 256, "x", response_ids=ids + [end])
+    stopped = tokenize_example(example, tokenizer, 256, "x", response_ids=ids, finish_reason="stop")
+    cut = tokenize_example(example, tokenizer, 256, "x", response_ids=ids, finish_reason="length")
+    assert stopped["input_ids"] == closed["input_ids"] and stopped["loss_mask"] == closed["loss_mask"]
+    assert closed["input_ids"][-2:] == [end, *newline] and closed["loss_mask"][-2:] == [True, False]
+    assert stopped["end_of_turn_added"] and not closed["end_of_turn_added"]
+    assert cut["input_ids"] == closed["input_ids"][:-2] and cut["unfinished"] and all(cut["loss_mask"][-len(ids) :])
+    again = tokenize_example(example, tokenizer, 256, "x", response_ids=ids + [end], finish_reason="stop")
+    assert again["input_ids"] == closed["input_ids"]  # never added twice
+    other = tokenizer.convert_tokens_to_ids("<|endoftext|>")  # a stop token that is not the template's end of turn
+    elsewhere = tokenize_example(example, tokenizer, 256, "x", response_ids=ids + [other], finish_reason="stop")
+    assert elsewhere["input_ids"][-len(ids) - 1 :] == ids + [other] and all(elsewhere["loss_mask"][-len(ids) - 1 :])
+    assert not elsewhere["end_of_turn_added"] and not elsewhere["unfinished"]
+
+
+def test_ids_of_one_turn_cannot_stand_for_several_assistant_turns(tokenizer):
+    messages = conversation("Compute 1+1.", "#### 2") + conversation("And 2+2?", "#### 4")
+    ids = spelled_out("#### 4", tokenizer)
+    tokens = tokenize_example({"messages": messages}, tokenizer, 256, "x", response_ids=ids)
+    assert not tokens["generated"]  # rendered from text; the join then compares the ids with every turn's tokens
+    assert trained_text(tokens, tokenizer) == "#### 2<|im_end|>#### 4<|im_end|>"
+    asked = tokenize_example({"messages": messages[:3]}, tokenizer, 256, "x", response_ids=ids)
+    assert asked["generated"] and trained_text(asked, tokenizer) == "#### 4"  # a conversation ending in a question
+
+
+def test_without_chat_template_generated_ids_follow_the_plain_prompt(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)
+    plain.chat_template = None
+    ids = spelled_out(" #### 3", plain)
+    tokens = tokenize_example({"prompt": "Compute 1+2."}, plain, 256, "x", response_ids=ids, finish_reason="stop")
+    assert tokens["input_ids"] == plain("Compute 1+2.")["input_ids"] + ids + [plain.eos_token_id]
+    assert trained_text(tokens, plain) == " #### 3<|im_end|>"

@@ -3,13 +3,16 @@
 The run's own config decides the data, tokenizer, chat template and ``max_length``, so the cached
 tokens are exactly the ones training will see; ``--model.model_name_or_path`` names the behaviour
 model, and ``--trainer.devices`` / ``--trainer.strategy ddp`` / ``--trainer.precision`` spread and
-speed up the scoring. Shards are written one at a time, atomically; a run that is stopped resumes
-where it was, and a finished cache is never overwritten.
+speed up the scoring. Each split is scored under the distribution that sampled it (``data.sampling``,
+or what a ``generate`` folder records: temperature, top-k, top-p, min-p), so the log-probs are log q(y)
+of that distribution; a response token outside its kept set is an error. Shards are written one at a
+time, atomically; a run that is stopped resumes where it was, and a finished cache is never overwritten.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ from ..collate import collate
 from ..data import PearDataModule
 from ..errors import PearError
 from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from ..preflight import check_writable
+from ..processing import SamplingSettings
 
 
 class CacheCLI(PearCLI):
@@ -67,13 +72,12 @@ def describe_inputs(cli: CacheCLI, splits: dict[str, Dataset]) -> dict[str, Any]
         "tokenizer_fingerprint": tokenizer_fingerprint(data.load_tokenizer()),
         "max_length": data.max_length,
         "precision": str(cli.trainer.precision),
-        "temperature": 1.0,
-        "raw_distribution": True,  # full log-softmax, no top-k/top-p truncation
         "splits": {
             split: {
                 "data_path": data.paths[split],
                 "data_fingerprint": data_fingerprint(data.paths[split]),
                 "examples": len(ds),
+                "sampling": data.sampling_of(split).as_dict(),
             }
             for split, ds in splits.items()
         },
@@ -103,6 +107,9 @@ def run(args: list[str]) -> None:
     unknown = [s for s in cli.config.splits if s not in data.paths]
     if unknown or shard_size < 1:
         raise PearError(f"cache_logprobs: --splits must name data splits {list(data.paths)} and --shard_size be >= 1")
+    if output.exists() and not output.is_dir():
+        raise PearError(f"--output {output}: a file; the cache is a folder: choose another name")
+    check_writable(output, "--output")
     splits = {s: data.tokenized(s) for s in cli.config.splits if data.paths[s]}
     if not splits:
         raise PearError(f"cache_logprobs: none of the splits {cli.config.splits} has a data path in the config")
@@ -137,7 +144,9 @@ def run(args: list[str]) -> None:
         for k, start in enumerate(range(0, len(dataset), shard_size)):
             shard = {"file": f"{split}-{k:05d}.parquet", "rows": min(shard_size, len(dataset) - start)}
             if shard_rows(output / shard["file"]) != shard["rows"]:  # missing, or cut short by a crash
+                cli.model.scoring = data.sampling_of(split)
                 rows = score(cli, dataset.select(range(start, start + shard["rows"])))
+                check_kept(rows, data.paths[split], cli.model.scoring)
                 if is_main:
                     write_shard(output / shard["file"], rows)
                 rank_zero_info(f"{output / shard['file']}: {len(rows)} examples scored")
@@ -152,6 +161,24 @@ def run(args: list[str]) -> None:
 def read_progress(path: Path) -> dict[str, Any]:
     """The inputs recorded by an unfinished run."""
     return json.loads(path.read_text())
+
+
+def check_kept(rows: list[dict[str, Any]], path: str, sampling: SamplingSettings) -> None:
+    """Refuse scored rows with a token the sampling distribution cannot produce (log q = -inf).
+
+    Raises:
+        PearError: naming how many examples, and the first one's id, position and token.
+    """
+    bad = [row for row in rows if row["logprobs"] and min(row["logprobs"]) == -math.inf]
+    if not bad:
+        return
+    position = bad[0]["logprobs"].index(-math.inf)
+    raise PearError(
+        f"{path}: {len(bad)} of {len(rows)} examples scored here hold a response token outside the kept set of "
+        f"{sampling.describe()} (first: id {bad[0]['id']}, response token {position}, id "
+        f"{bad[0]['token_ids'][position]}), so they were not sampled with those settings; set data.sampling to the "
+        "settings the generator used, or remove those examples"
+    )
 
 
 def prediction_rows(prediction: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,20 +3,22 @@
 The folder holds safetensors weights, the config, the generation config and the tokenizer, and
 loads with ``AutoModelForCausalLM.from_pretrained`` (so in vLLM, verl, TRL and OpenRLHF). A LoRA
 run is merged into its base model, unless ``--adapter_only`` asks for the adapter alone (a peft
-folder). The folder is written under a temporary name and renamed when complete.
+folder). A sharded checkpoint (FSDP, FSDP2) is gathered in this one process. The folder is written
+under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..atomic import atomic_write_folder
-from ..errors import PearError
+from ..checkpoint_io import is_sharded, load_sharded_weights, read_checkpoint, sharded_weights
+from ..errors import PearError, failure_reason
 from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
 from ..module import PearModule
+from ..preflight import check_new_path
 
 
 class ExportCLI(PearCLI):
@@ -25,7 +27,12 @@ class ExportCLI(PearCLI):
     def add_arguments_to_parser(self, parser: PearArgumentParser) -> None:
         """Add ``--checkpoint``, ``--output`` and ``--adapter_only``."""
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--checkpoint", type=str, required=True, help="A checkpoint written by fit (.ckpt).")
+        parser.add_argument(
+            "--checkpoint",
+            type=str,
+            required=True,
+            help="A checkpoint written by fit: a .ckpt file, or a sharded run's checkpoint folder.",
+        )
         parser.add_argument("--output", type=str, required=True, help="The model folder to write; must not exist.")
         parser.add_argument("--adapter_only", type=bool, default=False, help="With LoRA, write the adapter alone.")
 
@@ -34,14 +41,17 @@ def run(args: list[str]) -> None:
     """Run the ``export`` command with ``args`` (the command name excluded)."""
     cli = tool_cli(ExportCLI, args, "export", __doc__.splitlines()[0])
     output, checkpoint = Path(cli.config.output), cli.config.checkpoint
-    if output.exists():
-        raise PearError(f"--output {output}: exists already; export writes a new folder, choose another name")
-    if not Path(checkpoint).is_file():
-        raise PearError(f"--checkpoint {checkpoint}: file not found")
+    check_new_path(output, "--output", "export writes a new folder")
+    state = read_checkpoint(checkpoint, "--checkpoint")
     module: PearModule = cli.model
     module.configure_model()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(state)
+    if is_sharded(Path(checkpoint)):  # FSDP / FSDP2: gather the shards in this one process
+        top, shapes = sharded_weights(Path(checkpoint))
+        module.on_load_checkpoint({**state, "state_dict": shapes})
+        own = module.state_dict()
+        state["state_dict"] = load_sharded_weights(Path(checkpoint), top, {k: own[k] for k in shapes})
+    else:
+        module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=module.hparams.lora is None)
     model = module.model
     if module.hparams.lora is not None and not cli.config.adapter_only:
@@ -52,5 +62,11 @@ def run(args: list[str]) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
-    atomic_write_folder(output, write)
+    try:
+        atomic_write_folder(output, write)
+    except OSError as err:
+        raise PearError(
+            f"could not write the model folder {output} ({failure_reason(err)}); nothing was left behind: free space "
+            f"in {output.parent} and export again"
+        ) from err
     rank_zero_info(f"exported {checkpoint} to {output}")

@@ -7,15 +7,20 @@ would give at step 0 (with their diagnostics). ``--plot`` writes a PNG of their 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenIS
 
+from ..atomic import atomic_write
 from ..data import PearDataModule
 from ..errors import PearError
 from ..lightning_cli import PearArgumentParser, PearCLI, tool_cli
 from ..module import PearModule
+from ..preflight import check_writable
 
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 
@@ -41,6 +46,13 @@ def describe(name: str, values: torch.Tensor) -> str:
 def run(args: list[str]) -> None:
     """Run the ``inspect_logprobs`` command with ``args`` (the command name excluded)."""
     cli = tool_cli(InspectCLI, args, "inspect_logprobs", __doc__.splitlines()[0])
+    if cli.config.max_examples < 1:
+        raise PearError(f"--max_examples {cli.config.max_examples}: must be >= 1")
+    if cli.config.plot:
+        pyplot()  # before the work: a missing matplotlib or an unwritable place is found now
+        if Path(cli.config.plot).is_dir():
+            raise PearError(f"--plot {cli.config.plot}: a folder; give the PNG file to write")
+        check_writable(Path(cli.config.plot).parent, "--plot")
     data: PearDataModule = cli.datamodule
     data.setup("fit")
     if "behavior_logp" not in data.datasets["train"].column_names:
@@ -86,8 +98,8 @@ def run(args: list[str]) -> None:
         rank_zero_info(f"wrote {cli.config.plot}")
 
 
-def plot(path: str, behavior: torch.Tensor, deltas: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
-    """Histograms of the behaviour log-probs, the log-ratios and each strategy's weights, in one PNG."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
     try:
         import matplotlib
 
@@ -95,6 +107,12 @@ def plot(path: str, behavior: torch.Tensor, deltas: torch.Tensor, weights: dict[
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise PearError("--plot needs matplotlib: pip install 'pear_lightning[plot]'") from err
+    return plt
+
+
+def plot(path: str, behavior: torch.Tensor, deltas: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
+    """Histograms of the behaviour log-probs, the log-ratios and each strategy's weights, in one PNG."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].hist(behavior.numpy(), bins=60, log=True)
     axes[0].set(title="behaviour log-probs log π_β", xlabel="log-prob", ylabel="tokens")
@@ -105,5 +123,6 @@ def plot(path: str, behavior: torch.Tensor, deltas: torch.Tensor, weights: dict[
     axes[2].set(title="log of the step-0 weights", xlabel="log w")
     axes[2].legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)

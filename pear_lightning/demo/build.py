@@ -2,9 +2,10 @@
 
 1. A byte-level BPE tokenizer with a ChatML template, trained on the task's text.
 2. The behaviour policy: a tiny Llama trained on the stochastic solver's worked solutions.
-3. The SFT data: the behaviour policy's own samples at temperature 1, only correct ones kept,
-   each with its response ``token_ids`` and their per-token ``logprobs`` under the behaviour policy
-   (raw log-softmax, fp32, scored in one forward pass over the final token sequence).
+3. The SFT data: the behaviour policy's own samples at temperature 1, drawn by
+   ``python -m pear_lightning generate`` with the task's answer checker as verifier (only correct
+   ones kept), each with its response ``token_ids`` and their per-token ``logprobs`` under the
+   behaviour policy (temperature 1, no truncation: its raw log-softmax, fp32).
 4. The student: the same architecture, freshly initialised; this is what the demo fine-tunes.
 
 Everything is seeded; the output goes to ``pear_lightning/demo/assets`` and ``pear_lightning/demo/data``.
@@ -15,14 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pear_lightning.demo.task import Problem, extract_answer, reference_solution, sample_problem
+from pear_lightning import cli
+from pear_lightning.demo.task import Problem, reference_solution, sample_problem
 from pear_lightning.render import tokenize_example
+from pear_lightning.sources import load_examples
 
 HERE = Path(__file__).parent
 CHATML = (
@@ -82,10 +86,10 @@ def chat(problem: Problem, solution: str | None = None) -> list[dict[str, str]]:
     return messages
 
 
-def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Pad lists of ints to one tensor."""
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ints to one tensor."""
     width = max(len(r) for r in rows)
-    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
 def train_behavior(model, tokenizer, rng: random.Random, steps: int, batch_size: int) -> None:
@@ -117,52 +121,25 @@ def train_behavior(model, tokenizer, rng: random.Random, steps: int, batch_size:
     model.eval()
 
 
-@torch.no_grad()
-def response_logprobs(model, input_ids: list[int], loss_mask: list[bool]) -> list[float]:
-    """Per-token log π_β of the response tokens, fp32 log-softmax of one forward pass."""
-    logits = model(input_ids=torch.tensor([input_ids])).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(input_ids[1:])[:, None])[:, 0]
-    return [logp[t - 1].item() for t in range(1, len(input_ids)) if loss_mask[t]]
-
-
-@torch.no_grad()
-def sample_split(model, tokenizer, problems: list[Problem], prefix: str, seed: int) -> tuple[list[dict], int]:
-    """Sample one response per problem at temperature 1 and keep the correct, token-exact ones."""
-    torch.manual_seed(seed)
-    rows, dropped = [], 0
-    for start in range(0, len(problems), 256):
-        batch = problems[start : start + 256]
-        prompts = [tokenizer.apply_chat_template(chat(p), add_generation_prompt=True)["input_ids"] for p in batch]
-        input_ids = pad(prompts, tokenizer.pad_token_id, left=True)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=input_ids != tokenizer.pad_token_id,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=64,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+def sample_split(problems: list[Problem], prefix: str, seed: int) -> tuple[list[dict], int]:
+    """Sample one response per problem from the saved behaviour policy with ``generate`` at temperature 1, and keep
+    the correct ones."""
+    with tempfile.TemporaryDirectory() as work:
+        prompts = Path(work) / "prompts.jsonl"
+        write_jsonl(
+            prompts,
+            [{"id": f"{prefix}-{i:05d}", "messages": chat(p), "answer": str(p.answer)} for i, p in enumerate(problems)],
         )
-        for i, problem in enumerate(batch):
-            sampled = [t for t in out[i, input_ids.shape[1] :].tolist() if t != tokenizer.pad_token_id]
-            text = tokenizer.decode(sampled, skip_special_tokens=True)
-            example = {
-                "id": f"{prefix}-{start + i:05d}",
-                "messages": chat(problem, text),
-                "answer": str(problem.answer),
-            }
-            tokens = tokenize_example(example, tokenizer, 256, example["id"])
-            response = [t for t, m in zip(tokens["input_ids"], tokens["loss_mask"]) if m]
-            # Keep only samples that are correct, finished, and that the trainer re-tokenises to the sampled ids.
-            if extract_answer(text) != example["answer"] or response != sampled:
-                dropped += 1
-                continue
-            example["token_ids"] = response
-            example["logprobs"] = response_logprobs(model, tokens["input_ids"], tokens["loss_mask"])
-            rows.append(example)
-    return rows, dropped
+        cli.main(
+            [
+                "generate",
+                *("--model.model_name_or_path", str(HERE / "assets" / "behavior"), "--trainer.accelerator", "cpu"),
+                *("--prompts", str(prompts), "--output", str(Path(work) / "out"), "--max_new_tokens", "64"),
+                *("--verifier", "pear_lightning.demo.task.check_answer", "--batch_size", "256", "--seed", str(seed)),
+            ]
+        )
+        kept = load_examples(str(Path(work) / "out")).to_list()
+    return kept, len(problems) - len(kept)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -201,9 +178,9 @@ def main(num_train: int = 4000, num_val: int = 200, behavior_steps: int = 1500, 
             if problem.question not in seen:  # no problem is in both splits
                 seen.add(problem.question)
                 problems.append(problem)
-        rows, dropped = sample_split(behavior, tokenizer, problems, split, seed=seed + 3)
+        rows, dropped = sample_split(problems, split, seed=seed + 3)
         splits[split] = rows[:count]
-        print(f"{split}: kept {len(rows)} of {len(problems)} samples ({dropped} wrong, unfinished or not token-exact)")
+        print(f"{split}: kept {len(rows)} of {len(problems)} samples ({dropped} wrong or unfinished)")
     for split, rows in splits.items():
         write_jsonl(HERE / "data" / f"{split}.jsonl", rows)
 

@@ -67,3 +67,8 @@ def extract_answer(text: str) -> str | None:
     """Return the final answer after ``####`` in a completion, or None if there is none."""
     match = re.search(ANSWER_PATTERN, text)
     return match.group(1) if match else None
+
+
+def check_answer(example: dict, completion: str) -> bool:
+    """The demo's verifier for ``generate --verifier``: whether ``completion`` ends with the example's ``answer``."""
+    return extract_answer(completion) == str(example["answer"])
