@@ -91,7 +91,7 @@ def test_the_gpu_benchmark_models_have_the_published_sizes(shape, parameters):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.gpu_throughput import shape_config
+    from benchmarks.gpu_models import shape_config
 
     with torch.device("meta"):  # shapes only, no memory
         model = AutoModelForCausalLM.from_config(shape_config(shape, 0, 1))
