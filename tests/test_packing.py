@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import DEMO, fit_quietly, save_tiny_llama, write_jsonl
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.collate import collate, pack
@@ -44,28 +44,10 @@ def mixed_rows(tokenizer):
     return rows
 
 
-def save_tiny_qwen2(path, tokenizer):
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model_dir(request, tmp_path_factory, tokenizer):
-    save = save_tiny_llama if request.param == "llama" else save_tiny_qwen2
-    return save(tmp_path_factory.mktemp(request.param), tokenizer)
+    model_class = LlamaForCausalLM if request.param == "llama" else Qwen2ForCausalLM
+    return save_tiny_llama(tmp_path_factory.mktemp(request.param), tokenizer, model_class)
 
 
 def test_packing_fills_rows_up_to_the_capacity_first_fit_longest_first():
