@@ -1,14 +1,23 @@
-"""Per-token log-probs of the target tokens under a causal LM, in fp32, without full-vocabulary logits.
+"""Per-token log-probs of the target tokens under a causal LM, in fp32, without full-vocabulary fp32 logits.
 
-The memory-lean path runs the decoder, keeps the hidden states of the loss positions only, and
-turns them into ``logit[y] − logsumexp(logits)`` in fp32, ``chunk_size`` tokens at a time; each
-chunk is recomputed in backward (activation checkpointing), so at most one chunk's [chunk, V]
-logits are alive at once and the lm_head gradient accumulates chunk by chunk. Models whose logits
-are not a plain linear map of the last hidden state (soft-capping, logit scaling, a bias) take
-the plain path: the model's own logits, of which only the loss positions are turned into fp32.
+The memory-lean path runs the decoder, keeps the hidden states of the scored positions only, and
+projects them to the vocabulary. Their log-softmax at the target is taken in fp32 by
+``TargetLogSoftmax``, which saves only the logits (in the compute dtype: bf16 under bf16-mixed) and
+recomputes the softmax in backward, so the fp32 working set is one chunk of rows.
+``chunk_size="auto"`` sizes that chunk from a memory budget: when the logits of all loss tokens fit,
+one pass, kept for backward (the fastest); otherwise the largest chunk that fits, each chunk's
+projection recomputed in backward (activation checkpointing), so at most one chunk's logits are alive.
+Models whose logits are not a plain linear map of the last hidden state (soft-capping, logit scaling,
+a bias) take the plain path: the model's own logits, of which only the scored positions are used.
+Under a sampler's settings (``sampling``, for scoring π_β) the rows go through ``processing`` instead.
+
+Indexing is by flat positions (``scored_positions``), which collation computes on the CPU, so no
+step of this path waits for the device.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +27,14 @@ from .processing import SamplingSettings, processed_logprobs
 
 # Config attributes that make the logits something other than lm_head(hidden).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+CUDA_BUDGET_FRACTION = 0.5  # of the device memory free when the log-probs are computed
+CPU_BUDGET_BYTES = 1 << 30
+MIN_CHUNK = 128
+# Bytes per logit a sampler's processing takes (fp32 copies, a sort's values and int64 indices, a cumulative sum),
+# passed to ``plan_chunks`` as an item size: 2 · 12 + 4 = 28.
+PROCESSED_ITEMSIZE = 12
+
+ChunkSize = int | Literal["auto"]
 
 
 def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -34,49 +51,149 @@ def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
-def _chunk_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
-    return processed_logprobs(head(hidden), targets, sampling)
+class TargetLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits.float())[i, targets[i]]`` for every row, saving only ``logits`` (in their dtype).
+
+    Backward recomputes the fp32 softmax and returns ``g · (onehot − softmax)`` in the logits' dtype, so no fp32
+    [N, V] tensor outlives the call. Callers bound N (see ``plan_chunks``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, targets)
+        with torch.autocast(logits.device.type, enabled=False):
+            return torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, targets[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, targets = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).mul_(-grad[:, None])
+            return probs.scatter_add_(1, targets[:, None], grad[:, None]).to(logits.dtype), None
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the log-prob path may use: a fraction of the free CUDA memory (the allocator's cache included),
+    or a fixed budget on other devices."""
+    if device.type != "cuda":
+        return CPU_BUDGET_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(CUDA_BUDGET_FRACTION * (free + cached))
+
+
+def plan_chunks(num_tokens: int, vocab: int, itemsize: int, budget: int) -> tuple[int, bool]:
+    """Rows per chunk and whether the logits are kept for backward (one pass) rather than recomputed.
+
+    A chunk of ``c`` rows needs its logits and their gradient (``itemsize`` bytes each) and one fp32 working
+    copy: ``c · vocab · (2 · itemsize + 4)`` bytes. When all ``num_tokens`` rows fit the budget they are one
+    chunk, kept; otherwise chunks of the largest size that fits (at least ``MIN_CHUNK``), recomputed.
+    """
+    rows = max(budget // (vocab * (2 * itemsize + 4)), 1)
+    if num_tokens <= rows:
+        return max(num_tokens, 1), True
+    return max(rows, MIN_CHUNK), False
+
+
+def _compute_itemsize(weight: Tensor) -> int:
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return dtype.itemsize
+
+
+def _logprobs(logits: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+    if sampling is None or sampling.raw:
+        return TargetLogSoftmax.apply(logits, targets)
+    return processed_logprobs(logits, targets, sampling)
+
+
+def _head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, sampling: SamplingSettings | None) -> Tensor:
+    return _logprobs(head(hidden), targets, sampling)
+
+
+def head_logprobs(
+    head: nn.Linear,
+    hidden: Tensor,
+    targets: Tensor,
+    chunk_size: ChunkSize = "auto",
+    sampling: SamplingSettings | None = None,
+) -> Tensor:
+    """fp32 ``log_softmax(head(hidden))`` at ``targets``, in chunks of rows (see ``plan_chunks``).
+
+    Args:
+        head: the lm_head (no bias).
+        hidden: [N, H] hidden states of the scored positions.
+        targets: [N] the token ids they predict.
+        chunk_size: rows per chunk, each recomputed in backward; ``auto`` chooses from the memory budget.
+        sampling: score under a sampler's processed distribution (see ``processing``); None: the raw log-softmax.
+
+    Returns:
+        [N] float32 log-probs, differentiable w.r.t. ``hidden`` and the head.
+    """
+    if chunk_size == "auto":
+        budget = memory_budget(hidden.device)
+        processed = sampling is not None and not sampling.raw
+        itemsize = PROCESSED_ITEMSIZE if processed else _compute_itemsize(head.weight)
+        rows, keep = plan_chunks(len(targets), head.out_features, itemsize, budget)
+    else:
+        rows, keep = chunk_size, False
+    if keep:
+        return _head_logprobs(head, hidden, targets, sampling)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    chunks = [
+        checkpoint(_head_logprobs, head, h, y, sampling, use_reentrant=False)
+        if recompute
+        else _head_logprobs(head, h, y, sampling)
+        for h, y in zip(hidden.split(rows), targets.split(rows))
+    ]
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def scored_positions(loss_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """Flat indices (into [B·T]) of the loss tokens that have a prediction: not the first of a row or, in packed
+    rows, of a sequence (``position_ids`` 0)."""
+    scored = loss_mask.clone()
+    scored[:, 0] = False
+    if position_ids is not None:
+        scored &= position_ids != 0
+    return scored.flatten().nonzero().squeeze(1)
 
 
 def target_logprobs(
     model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
+    inputs: dict[str, Tensor],
     loss_mask: Tensor,
-    chunk_size: int = 256,
+    chunk_size: ChunkSize = "auto",
+    scored: Tensor | None = None,
     sampling: SamplingSettings | None = None,
 ) -> Tensor:
-    """Return log π(input_ids[b, t] | input_ids[b, :t]) at every loss position, zero elsewhere.
+    """Return log π(input_ids[b, t] | the tokens before it in its sequence) at every scored loss position, else 0.
 
     Args:
         model: a Hugging Face causal LM (optionally wrapped by peft).
-        input_ids: [B, T] token ids.
-        attention_mask: [B, T], True on real tokens.
-        loss_mask: [B, T], True on the tokens to score; position 0 has no prediction and must be False.
-        chunk_size: loss tokens per fp32 logits chunk; 0 takes the plain path (the model's full logits).
-        sampling: score under a sampler's processed distribution (temperature, top-k, top-p, min-p), chunk by chunk;
-            -inf for a token outside its kept set. None: the model's own log-softmax.
+        inputs: the model's inputs: ``input_ids`` [B, T], and ``attention_mask`` or, for packed rows,
+            ``position_ids`` (restarting at 0 for every sequence) and attention kwargs.
+        loss_mask: [B, T], True on the tokens to score.
+        chunk_size: loss tokens per chunk of the vocabulary projection, each recomputed in backward; ``auto``
+            chooses from a memory budget (see ``plan_chunks``); 0 takes the plain path (the model's own logits).
+        scored: ``scored_positions(loss_mask, position_ids)``, if already computed (on the CPU, by collation).
+        sampling: score under a sampler's processed distribution (temperature, top-k, top-p, min-p); -inf for a
+            token outside its kept set. None: the model's own log-softmax.
 
     Returns:
         [B, T] float32 log-probs aligned with ``input_ids``, differentiable w.r.t. the model.
     """
-    scored = loss_mask[:, 1:]
-    targets = input_ids[:, 1:][scored]
-    parts = separable_head(model) if chunk_size > 0 else None
+    if scored is None:
+        scored = scored_positions(loss_mask, inputs.get("position_ids"))
+    scored = scored.to(loss_mask.device)
+    targets = inputs["input_ids"].flatten()[scored]
+    parts = separable_head(model) if chunk_size != 0 else None
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logp = _chunk_logprobs(nn.Identity(), logits[:, :-1][scored], targets, sampling)
+        logits = model(**inputs, use_cache=False).logits
+        logp = _logprobs(logits.flatten(0, 1)[scored - 1], targets, sampling)
     else:
         decoder, head = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        selected = hidden[:, :-1][scored]
-        chunks = []
-        for start in range(0, len(targets), chunk_size):
-            h, y = selected[start : start + chunk_size], targets[start : start + chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                chunks.append(checkpoint(_chunk_logprobs, head, h, y, sampling, use_reentrant=False))
-            else:
-                chunks.append(_chunk_logprobs(head, h, y, sampling))
-        logp = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    return out.masked_scatter(nn.functional.pad(scored, (1, 0)), logp)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        logp = head_logprobs(head, hidden.flatten(0, 1)[scored - 1], targets, chunk_size, sampling)
+    out = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=loss_mask.device)
+    return out.index_put((scored,), logp).view(loss_mask.shape)

@@ -32,7 +32,7 @@ class LossTerms:
         normalizer: this micro-batch's share of the step's normaliser (loss tokens, or Σ weights), detached.
         nll: Σ −log π_θ over the loss tokens, detached: the plain SFT loss, whatever the weighting.
         num_tokens: the number of loss tokens, as a float tensor.
-        metrics: the strategy's diagnostics of these weights.
+        metrics: the strategy's diagnostics of these weights (none when not asked for).
     """
 
     tokens: TokenBatch
@@ -54,8 +54,11 @@ def nll_sum(tokens: TokenBatch) -> Tensor:
     return -(tokens.logp * tokens.mask).sum()
 
 
-def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Normalizer = "tokens") -> LossTerms:
-    """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and diagnostics.
+def loss_terms(
+    strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Normalizer = "tokens", metrics: bool = True
+) -> LossTerms:
+    """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and (unless
+    ``metrics`` is off: they cost device syncs) diagnostics.
 
     Raises:
         PearError: if the strategy needs behaviour log-probs and the batch has none.
@@ -69,7 +72,7 @@ def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Norm
     weights = strategy.weights(tokens)
     num_tokens = tokens.mask.sum().float()
     with torch.no_grad():
-        metrics = strategy.metrics(tokens, weights)
+        diagnostics = strategy.metrics(tokens, weights) if metrics else {}
     return LossTerms(
         tokens=tokens,
         weights=weights,
@@ -77,7 +80,7 @@ def loss_terms(strategy: WeightingStrategy, tokens: TokenBatch, normalizer: Norm
         normalizer=weights.sum() if normalizer == "weights" else num_tokens,
         nll=nll_sum(tokens).detach(),
         num_tokens=num_tokens,
-        metrics=metrics,
+        metrics=diagnostics,
     )
 
 

@@ -89,7 +89,7 @@ def score(cli: CacheCLI, subset: Dataset) -> list[dict[str, Any]]:
     """Score ``subset`` on every rank's share of it and return all rows, in ``subset``'s order, on every rank."""
     data: PearDataModule = cli.datamodule
     collate_fn = partial(collate, pad_id=data.load_tokenizer().pad_token_id)
-    workers = loader_workers(data.num_workers, cli.trainer.strategy.root_device.type)
+    workers = loader_workers(data.num_workers, cli.trainer)
     loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, **workers)
     predictions = cli.trainer.predict(cli.model, dataloaders=loader, return_predictions=True) or []
     rows = [row for prediction in predictions for row in prediction_rows(prediction)]
