@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -10,7 +11,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import psutil
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -22,9 +22,9 @@ def machine(device: str = "cpu") -> dict:
     facts = {
         "platform": platform.platform(),
         "processor": platform.processor(),
-        "cpus": psutil.cpu_count(),
+        "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
     if device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name()

@@ -26,7 +26,8 @@ from pear_lightning.collate import collate
 from pear_lightning.strategies import UniformSFT
 
 from .common import spread, synthetic_examples, with_range, write_jsonl, write_results
-from .throughput import Workload, checked, fit_pear, tokens_per_second, workload_parser
+from .throughput import Workload, checked, tokens_per_second, workload_parser
+from .training import fit_pear
 
 WORKERS = (0, 1, 2)
 

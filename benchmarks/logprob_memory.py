@@ -18,9 +18,8 @@ import sys
 import time
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from pear_lightning.logprobs import _chunk_logprobs
+from pear_lightning.logprobs import head_logprobs
 
 from .common import spread, with_range, write_results
 from .memory import PeakMemory
@@ -38,11 +37,7 @@ def forward_backward(path: str, head: torch.nn.Linear, h: torch.Tensor, y: torch
     if path == "full":
         logp = torch.log_softmax(head(h).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
     else:
-        parts = [
-            checkpoint(_chunk_logprobs, head, h[s : s + chunk], y[s : s + chunk], use_reentrant=False)
-            for s in range(0, len(y), chunk)
-        ]
-        logp = torch.cat(parts)
+        logp = head_logprobs(head, h, y, chunk)
     logp.sum().backward()
 
 

@@ -23,21 +23,16 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import DFT, TokenIS, UniformSFT, WeightingStrategy
 
-from .common import synthetic_examples, with_range, write_jsonl, write_results
+from .common import synthetic_examples, with_range, write_results
+from .training import DEMO_TOKENIZER, LR, fit_pear, train_loop, training_data
 
-DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "pear_lightning" / "demo" / "assets" / "student"
-LR = 1e-4
 # (numerator, denominator, target ratio of tokens/s, or None)
 PAIRS = [
     ("pear UniformSFT", "TRL SFTTrainer", 1.0),
@@ -46,35 +41,6 @@ PAIRS = [
     ("pear TokenIS", "plain PyTorch loop", None),
     ("pear TokenIS", "pear UniformSFT", None),
 ]
-
-
-@dataclass
-class TrainingData:
-    """The same examples as text for PearDataModule (with and without behaviour log-prob columns) and as
-    the trainer's tokens for the other arms."""
-
-    plain_path: Path
-    behavior_path: Path
-    input_ids: list[list[int]]
-    loss_masks: list[list[bool]]
-
-    def timed_tokens(self, batch_size: int, warmup: int) -> int:
-        """Non-padding tokens of the steps after ``warmup`` (the examples are taken in order)."""
-        return sum(len(ids) for ids in self.input_ids[warmup * batch_size :])
-
-
-def training_data(root: Path, model_dir: Path, rows: list[dict], max_length: int) -> TrainingData:
-    """Write ``rows`` as JSONL, tokenise them as the trainer does, and add behaviour log-prob columns (any
-    values, aligned with the trainer's response tokens, as TokenIS needs) to a second file."""
-    plain_path = write_jsonl(root / "plain.jsonl", rows)
-    data = PearDataModule(train_path=str(plain_path), tokenizer_name_or_path=str(model_dir), max_length=max_length)
-    tokenized = data.tokenized("train")
-    input_ids, loss_masks = tokenized["input_ids"], tokenized["loss_mask"]
-    generator = torch.Generator().manual_seed(0)
-    for row, ids, mask in zip(rows, input_ids, loss_masks):
-        row["token_ids"] = [t for t, m in zip(ids, mask) if m]
-        row["logprobs"] = (-torch.rand(len(row["token_ids"]), generator=generator)).tolist()
-    return TrainingData(plain_path, write_jsonl(root / "with_logprobs.jsonl", rows), input_ids, loss_masks)
 
 
 class Workload:
@@ -106,59 +72,6 @@ class Workload:
         self.max_length = 4 * args.tokens
         self.data = training_data(root, self.model_dir, rows, self.max_length)
         self.timed_tokens = self.data.timed_tokens(args.batch_size, args.warmup)
-
-
-class StepTimes(L.Callback):
-    """Wall-clock time at the end of every training batch (after its optimizer step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-
-def fit_pear(
-    model_dir: Path,
-    data: TrainingData,
-    weighting: WeightingStrategy,
-    batch_size: int,
-    max_length: int,
-    max_steps: int,
-    device: str,
-    precision: str = "32-true",
-    num_workers: int = 0,
-    **module_args,
-) -> list[float]:
-    """``Trainer.fit`` of PearModule with ``weighting`` on ``data`` in order, with ``num_workers`` data-loader
-    processes; the end time of every step."""
-    path = data.behavior_path if weighting.requires_behavior_logp else data.plain_path
-    datamodule = PearDataModule(
-        train_path=str(path),
-        tokenizer_name_or_path=str(model_dir),
-        batch_size=batch_size,
-        max_length=max_length,
-        shuffle=False,
-        num_workers=num_workers,
-    )
-    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
-    module = PearModule(str(model_dir), weighting=weighting, optimizer=optimizer, **module_args)
-    timer = StepTimes()
-    trainer = L.Trainer(
-        accelerator=device,
-        devices=1,
-        precision=precision,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return timer.times
 
 
 def run_pear(work: Workload, weighting: WeightingStrategy) -> list[float]:
@@ -221,31 +134,8 @@ def run_trl(work: Workload, loss_type: str) -> list[float]:
 
 def run_loop(work: Workload) -> list[float]:
     """A minimal hand-written loop: full logits, ``cross_entropy`` over the response tokens, AdamW."""
-    args = work.args
-    device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(work.model_dir).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    pad = model.config.pad_token_id
-    times = []
-    examples = list(zip(work.data.input_ids, work.data.loss_masks))
-    for start in range(0, len(examples), args.batch_size):
-        rows = examples[start : start + args.batch_size]
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=device)
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device)
-        labels = torch.tensor(
-            [[t if m else -100 for t, m in zip(ids, mask)] + [-100] * (width - len(ids)) for ids, mask in rows],
-            device=device,
-        )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
-    return times
+    model = AutoModelForCausalLM.from_pretrained(work.model_dir).to(work.args.device).train()
+    return train_loop(model, work.data, work.args.batch_size, work.args.device)
 
 
 def arms(trl_available: bool) -> dict[str, Callable[[Workload], list[float]]]:

@@ -45,6 +45,9 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: the tokenizer (the CLI sets it to the model's).
         batch_size: examples per micro-batch.
         max_length: tokens kept per example; longer ones are cut at the end and counted.
+        packing: lay each training micro-batch's examples out several to a row of at most ``max_length`` tokens, with
+            positions restarting per example, instead of one padded row each: fewer padding tokens, the same
+            examples, losses and gradients (attention stays within each example; see ``collate``).
         num_workers: DataLoader worker processes; by default none on a CPU and 2 on a GPU (measured, see
             ``sampling.loader_workers``).
         shuffle: shuffle the training examples every epoch (seeded by ``seed_everything``).
@@ -72,6 +75,7 @@ class PearDataModule(L.LightningDataModule):
         tokenizer_name_or_path: str | None = None,
         batch_size: int = 8,
         max_length: int = 1024,
+        packing: bool = False,
         num_workers: int | None = None,
         shuffle: bool = True,
         logprobs_path: str | None = None,
@@ -89,6 +93,7 @@ class PearDataModule(L.LightningDataModule):
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.batch_size = batch_size
         self.max_length = max_length
+        self.packing = packing
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.logprobs_path = logprobs_path
@@ -258,7 +263,7 @@ class PearDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
-            **self._workers(),
+            **loader_workers(self.num_workers, self.trainer),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -267,18 +272,15 @@ class PearDataModule(L.LightningDataModule):
         if "train" not in self.datasets:
             raise PearError("data.train_path is not set")
         dataset = self.datasets["train"]
+        pack_length = self.max_length if self.packing else None
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochRandomSampler(dataset, seed=torch.initial_seed()) if self.shuffle else None,
-            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id),
-            **self._workers(),
+            collate_fn=partial(collate, pad_id=self.load_tokenizer().pad_token_id, pack_length=pack_length),
+            **loader_workers(self.num_workers, self.trainer),
             trained_batches=self._trained_batches,
         )
-
-    def _workers(self) -> dict[str, Any]:
-        device = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
-        return loader_workers(self.num_workers, device)
 
     def _trained_batches(self) -> int:
         # `processed`: a checkpoint written in on_train_batch_end is taken before `completed` counts that batch.

@@ -8,7 +8,7 @@ same way, k + 1 outcomes (each top-k token, and "any other token"):
     KL_t = Σ_{i ≤ k} q_i (log q_i − log p_i) + q_tail (log q_tail − log p_tail)
 
 with the student's p at the same ids and its own tail mass p_tail = 1 − Σ_{i ≤ k} p_i, both from the memory-lean
-projection (``logprobs.topk_logprobs``). It is a true KL (≥ 0, 0 exactly when the buckets agree), a lower bound of
+projection (``topk.topk_logprobs``). It is a true KL (≥ 0, 0 exactly when the buckets agree), a lower bound of
 the full KL that equals it when k is the vocabulary, and its gradient w.r.t. a top-k logit is p_i − q_i, as for the
 dense KL. The teacher's k + 1 log-probs are renormalised first (fp16 storage rounds them).
 
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from pear_lightning.strategies import TokenBatch
 
 from .errors import PearError
-from .logprobs import topk_logprobs
+from .logprobs import ChunkSize, batch_scored
+from .topk import topk_logprobs
 
 LossKind = Literal["nll", "kl", "nll+kl"]
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
@@ -80,9 +81,19 @@ def bucket_kl(student_topk: Tensor, student_tail: Tensor, teacher: TeacherTopK) 
     return (log_q.exp() * present * (log_q - log_p)).sum(dim=-1)
 
 
-def per_token_loss(kind: LossKind, tokens: TokenBatch, kl: Tensor) -> Tensor:
-    """The [B, T] loss of each token that the strategy's weights multiply: KL_t, or −log π_θ(y_t) + KL_t."""
-    kl_bt = torch.zeros_like(tokens.logp).masked_scatter(tokens.mask, kl)
+def at_scored(teacher: TeacherTopK, loss_mask: Tensor, scored: Tensor) -> TeacherTopK:
+    """The teacher's rows of the scored positions: the batch holds one per loss token, in the loss tokens' order
+    (row-major, as collation lays them out), and a loss token with no prediction (a sequence's first) is not scored."""
+    if len(teacher.ids) == len(scored):
+        return teacher
+    rows = (loss_mask.flatten().cumsum(0) - 1)[scored]
+    return TeacherTopK(teacher.ids[rows], teacher.logprobs[rows], teacher.tail[rows])
+
+
+def per_token_loss(kind: LossKind, tokens: TokenBatch, kl: Tensor, scored: Tensor) -> Tensor:
+    """The [B, T] loss of each token that the strategy's weights multiply: KL_t, or −log π_θ(y_t) + KL_t (``kl`` [N]
+    at the ``scored`` flat positions)."""
+    kl_bt = torch.zeros_like(tokens.logp).flatten().index_put((scored,), kl).view_as(tokens.logp)
     return kl_bt if kind == "kl" else kl_bt - tokens.logp
 
 
@@ -103,10 +114,10 @@ def kl_metrics(kl: Tensor, student_topk: Tensor, student_tail: Tensor, teacher: 
 
 
 def score(
-    model: nn.Module, batch: dict[str, Any], kind: LossKind, chunk_size: int
+    model: nn.Module, batch: dict[str, Any], kind: LossKind, chunk_size: ChunkSize, metrics: bool = True
 ) -> tuple[TokenBatch, Tensor, dict[str, Tensor]]:
-    """Score a batch for distillation: the strategy's ``TokenBatch``, the per-token loss its weights multiply, and
-    the KL's diagnostics.
+    """Score a batch, padded or packed, for distillation: the strategy's ``TokenBatch``, the per-token loss its weights
+    multiply, and (when ``metrics``: logging steps) the KL's diagnostics.
 
     Raises:
         PearError: if the batch has no teacher top-k, or a teacher id the student's vocabulary lacks.
@@ -120,10 +131,11 @@ def score(
             f"model.loss {kind}: the teacher's top-k holds token id {int(teacher.ids.max())}, outside the student's "
             f"vocabulary of {vocab} (examples {batch['ids']}); teacher and student must share the tokenizer"
         )
-    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logp, student_topk, student_tail = topk_logprobs(model, ids, attention, mask, teacher.ids, chunk_size)
-    tokens = TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
+    mask, scored = batch["loss_mask"], batch_scored(batch)
+    teacher = at_scored(teacher, mask, scored)
+    logp, student_topk, student_tail = topk_logprobs(model, batch, teacher.ids, chunk_size)
+    tokens = TokenBatch(logp, mask, batch.get("behavior_logp"), segment_ids=batch.get("segment_ids"))
     kl = bucket_kl(student_topk, student_tail, teacher)
     with torch.no_grad():
-        metrics = kl_metrics(kl.detach(), student_topk.detach(), student_tail.detach(), teacher)
-    return tokens, per_token_loss(kind, tokens, kl), metrics
+        diagnostics = kl_metrics(kl, student_topk, student_tail, teacher) if metrics else {}
+    return tokens, per_token_loss(kind, tokens, kl, scored), diagnostics

@@ -32,7 +32,7 @@ class LossTerms:
         normalizer: this micro-batch's share of the step's normaliser (loss tokens, or Σ weights), detached.
         nll: Σ −log π_θ over the loss tokens, detached: the plain SFT loss, whatever the weighting.
         num_tokens: the number of loss tokens, as a float tensor.
-        metrics: the strategy's diagnostics of these weights.
+        metrics: the strategy's diagnostics of these weights (none when not asked for).
     """
 
     tokens: TokenBatch
@@ -60,8 +60,10 @@ def loss_terms(
     normalizer: Normalizer = "tokens",
     per_token: Tensor | None = None,
     extra_metrics: dict[str, Tensor] | None = None,
+    metrics: bool = True,
 ) -> LossTerms:
-    """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and diagnostics.
+    """Weigh one scored micro-batch with ``strategy``: its weights once, then the loss, normaliser and (unless
+    ``metrics`` is off: they cost device syncs) diagnostics.
 
     Args:
         strategy: the weighting strategy.
@@ -69,7 +71,8 @@ def loss_terms(
         normalizer: what the step's loss is divided by (see ``PearModule``).
         per_token: [B, T] the loss of each token that the weights multiply, with grad (distillation's KL, see
             ``distill``); None: the strategy's own token losses, −weight · log π_θ by default.
-        extra_metrics: diagnostics logged beside the strategy's (the KL term's).
+        extra_metrics: diagnostics logged beside the strategy's (the KL term's), when ``metrics`` is on.
+        metrics: compute the diagnostics (off on steps that do not log them).
 
     Raises:
         PearError: if the strategy needs behaviour log-probs and the batch has none, or if it defines its own
@@ -91,7 +94,7 @@ def loss_terms(
     weights = strategy.weights(tokens)
     num_tokens = tokens.mask.sum().float()
     with torch.no_grad():
-        metrics = {**strategy.metrics(tokens, weights), **(extra_metrics or {})}
+        diagnostics = {**strategy.metrics(tokens, weights), **(extra_metrics or {})} if metrics else {}
     if per_token is not None:
         losses = torch.where(tokens.mask, weights * per_token, torch.zeros_like(per_token))
     else:
@@ -103,5 +106,5 @@ def loss_terms(
         normalizer=weights.sum() if normalizer == "weights" else num_tokens,
         nll=nll_sum(tokens).detach(),
         num_tokens=num_tokens,
-        metrics=metrics,
+        metrics=diagnostics,
     )

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from . import attention  # noqa: F401  (registers pear_varlen with transformers)
 from .errors import LOAD_ERRORS, PearError, load_error, refuse_missing
 from .lora import LoraSettings, apply_lora
 from .sharding import shard_model
@@ -23,6 +24,7 @@ def load_model(
     gradient_checkpointing: bool = False,
     load_in_4bit: bool = False,
     device_mesh: DeviceMesh | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, bool]:
     """Load a causal LM for training, in train mode (``from_pretrained`` returns eval mode: dropout would stay off).
 
@@ -33,14 +35,18 @@ def load_model(
         gradient_checkpointing: recompute each decoder layer in backward.
         load_in_4bit: QLoRA's NF4 base model through bitsandbytes (needs ``lora`` and a CUDA GPU).
         device_mesh: ``ModelParallelStrategy``'s mesh: shard the model with FSDP2.
+        attn_implementation: transformers' attention implementation, or ``pear_varlen`` (see ``attention``).
 
     Returns:
         The model, and whether the memory-lean (chunked) log-prob path can reach its lm_head.
     """
     refuse_missing("model.model_name_or_path", path)
+    options = _quantization(load_in_4bit, lora)
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=trust_remote_code, **_quantization(load_in_4bit, lora)
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, **options
         )
     except LOAD_ERRORS as err:
         raise load_error("model.model_name_or_path", path, "a causal LM", err) from err

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel
 
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
 
-from .diagnostics import StepDiagnostics, log_nll
+from .attention import model_inputs
+from .diagnostics import StepDiagnostics, log_nll, log_step, logging_step
 from .distill import LossKind, score
-from .logprobs import target_logprobs
+from .logprobs import ChunkSize, target_logprobs
 from .lora import LoraSettings
 from .loss import LossTerms, Normalizer, loss_terms
 from .model import check_checkpoint, load_model, trainable_keys
@@ -31,8 +32,8 @@ DEFAULT_WEIGHTING = lazy_instance(UniformSFT)
 class PearModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM whose per-token loss comes from a weighting strategy.
 
-    Each micro-batch's fp32 log-probs go to ``weighting`` as a ``TokenBatch`` (``loss``); the optimizer step divides
-    the sum of its token losses over all micro-batches and ranks by the step's ``loss_normalizer`` (``step``), so
+    Each micro-batch's fp32 log-probs go to ``weighting`` as a ``TokenBatch`` (``loss``); the optimizer step divides the
+    sum of its token losses over all micro-batches and ranks by the step's ``loss_normalizer`` (``step``), so
     ``accumulate_grad_batches`` and the device count do not change the gradient. Validation and test report the
     unweighted token-mean negative log-likelihood, so runs with different weightings stay comparable.
 
@@ -43,18 +44,19 @@ class PearModule(L.LightningModule):
             ``distill``) or ``nll+kl`` (their sum); the weights multiply it, IS ratios still use the data token.
         loss_normalizer: what the step's summed token losses are divided by: ``tokens``, its loss tokens (a weight
             below 1 shrinks that token's gradient), or ``weights``, Σ weights (self-normalised: only ratios matter).
-        logprob_chunk_size: loss tokens whose fp32 logits are computed at once (and recomputed in backward);
-            bounds the memory of the vocabulary projection. 0 uses the model's full logits instead.
+        logprob_chunk_size: loss tokens projected to the vocabulary at once (recomputed in backward); 0: full logits;
+            ``auto``: all, kept, if they fit a budget (half the free GPU memory, 1 GiB on CPU), else the most that fit.
         lora: train LoRA adapters on the frozen model instead of all its weights (checkpoints hold the adapters).
         gradient_checkpointing: recompute each decoder layer's activations in backward to save memory.
-        load_in_4bit: QLoRA: load the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU;
-            needs ``lora``).
+        load_in_4bit: QLoRA: the frozen base model in 4-bit NF4 through bitsandbytes (one CUDA GPU; needs ``lora``).
+        attn_implementation: transformers' (``sdpa``, ``eager``, ``flash_attention_2``…; default: its own choice), or
+            ``pear_varlen``: torch's FlashAttention varlen kernel for packed batches on CUDA (else SDPA).
         trust_remote_code: allow the model folder or hub repository to run its own code.
         max_nonfinite_steps: optimizer steps that may be skipped for a NaN or an infinity in their loss or gradient
             (any micro-batch, any rank): weights, optimizer state and schedule stay as they were, a warning names the
             examples. One more stops the run (0: the first one does).
-        saturation_warning: warn once when more than this fraction of the loss tokens of 20 optimizer steps have
-            their log-weight at a clip bound (the IS weights are then saturated); 1 never warns.
+        saturation_warning: warn once when more than this fraction of the loss tokens of the logging steps of 20
+            optimizer steps (at least one) have their log-weight at a clip bound (saturated IS weights); 1: never.
         float32_matmul_precision: on a CUDA GPU, how fp32 matrix products may run (torch's setting): ``high``
             lets tensor cores use TF32 (mixed-precision compute is bf16 anyway), ``highest`` keeps full fp32.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters.
@@ -67,10 +69,11 @@ class PearModule(L.LightningModule):
         weighting: WeightingStrategy = DEFAULT_WEIGHTING,
         loss: LossKind = "nll",
         loss_normalizer: Normalizer = "tokens",
-        logprob_chunk_size: int = 256,
+        logprob_chunk_size: ChunkSize = "auto",
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         load_in_4bit: bool = False,
+        attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 3,
         saturation_warning: float = 0.5,
@@ -87,12 +90,10 @@ class PearModule(L.LightningModule):
         self.scoring: SamplingSettings | None = None  # predict_step's distribution (cache_logprobs sets it); None: raw
         self.books = StepBooks(max_nonfinite_steps)
         self.diagnostics = StepDiagnostics(saturation_warning)
-        self.val_nll = MeanMetric()
-        self.test_nll = MeanMetric()
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
 
     def setup(self, stage: str) -> None:
-        """Refuse, before the first step, a training strategy the step's normalisation cannot serve; on CUDA, set
-        the fp32 matmul precision."""
+        """Refuse a training strategy the step's normalisation cannot serve; on CUDA, set the fp32 matmul precision."""
         check_strategy(self.trainer.strategy)
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
@@ -103,7 +104,7 @@ class PearModule(L.LightningModule):
             hp = self.hparams
             lora = LoraSettings(**hp.lora) if hp.lora is not None else None
             args = (hp.trust_remote_code, lora, hp.gradient_checkpointing, hp.load_in_4bit, self.device_mesh)
-            self.model, chunkable = load_model(hp.model_name_or_path, *args)
+            self.model, chunkable = load_model(hp.model_name_or_path, *args, hp.attn_implementation)
             self.chunk_size = self.chunk_size if chunkable else 0
             self.strict_loading = lora is None  # checkpoints hold only the adapters; on_load_checkpoint checks them
 
@@ -125,22 +126,26 @@ class PearModule(L.LightningModule):
         self.books.skipped_steps = checkpoint.get("nonfinite_steps", 0)
 
     def token_batch(self, batch: dict[str, Any], sampling: SamplingSettings | None = None) -> TokenBatch:
-        """fp32 log-probs of a collated batch's tokens (of a sampler's distribution when ``sampling`` is given)."""
-        ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        logp = target_logprobs(self.model, ids, attention, mask, self.chunk_size, sampling)
-        return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"))
+        """fp32 log-probs of a collated batch, padded or packed (under a sampler's distribution given ``sampling``)."""
+        inputs = model_inputs(batch, self.model.config._attn_implementation)
+        mask, segments = batch["loss_mask"], batch.get("segment_ids")
+        logp = target_logprobs(self.model, inputs, mask, self.chunk_size, batch.get("scored"), sampling)
+        return TokenBatch(logp=logp, mask=mask, behavior_logp=batch.get("behavior_logp"), segment_ids=segments)
 
-    def loss_terms(self, batch: dict[str, Any]) -> LossTerms:
+    def loss_terms(self, batch: dict[str, Any], metrics: bool = True) -> LossTerms:
         """Score a batch and weigh it with the strategy (see ``loss.loss_terms``; ``distill.score`` for the KL)."""
         hp = self.hparams
-        scored = (self.token_batch(batch),) if hp.loss == "nll" else score(self.model, batch, hp.loss, self.chunk_size)
-        return loss_terms(self.weighting, scored[0], hp.loss_normalizer, *scored[1:])
+        if hp.loss == "nll":
+            return loss_terms(self.weighting, self.token_batch(batch), hp.loss_normalizer, metrics=metrics)
+        tokens, per_token, kl_metrics = score(self.model, batch, hp.loss, self.chunk_size, metrics)
+        return loss_terms(self.weighting, tokens, hp.loss_normalizer, per_token, kl_metrics, metrics)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``)."""
-        terms = self.loss_terms(batch)
+        """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``).
+        Diagnostics and throughput are computed and logged on logging steps only (``trainer.log_every_n_steps``)."""
+        terms = self.loss_terms(batch, metrics=(logs := logging_step(self.trainer)))
         self.books.add(terms, batch["ids"])
-        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"])
+        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"], logs)
         return terms.total
 
     def optimizer_step(
@@ -150,18 +155,15 @@ class PearModule(L.LightningModule):
         optimizer: torch.optim.Optimizer | LightningOptimizer,
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
-        """One optimizer step, in order: the last micro-batch's forward and backward; the step's totals over all
-        ranks; skip the step if its loss or gradient is non-finite (AdamW would still decay the weights and move
-        its moments on zeroed gradients); else rescale the gradient and update. The rescale undoes Lightning's
-        division by ``accumulate_grad_batches`` and data parallelism's mean over ranks, and divides by the step's
-        normaliser; gradient clipping, inside ``optimizer.step``, sees the rescaled gradient."""
+        """One optimizer step, in order: the last micro-batch's forward and backward; the step's totals over all ranks;
+        skip the step if its loss or gradient is non-finite (AdamW would still decay the weights and move its moments
+        on zeroed gradients); else rescale the gradient (undo Lightning's division by ``accumulate_grad_batches`` and
+        the mean over ranks, divide by the step's normaliser; clipping, in ``optimizer.step``, sees it) and update."""
         loss = optimizer_closure() if optimizer_closure is not None else None
         totals = self.books.close(self.trainer, self.parameters())
-        self.log("train/skipped_steps", float(self.books.skipped_steps))
+        log_step(self, totals, self.books.skipped_steps, optimizer.param_groups[0]["lr"])  # the schedule steps after
         if totals.skipped:
             return
-        lr = optimizer.param_groups[0]["lr"]  # the rate of this update (the schedule steps after it)
-        self.log_dict({"train/loss": totals.mean_loss, "train/nll": totals.mean_nll, "train/lr": lr}, prog_bar=True)
         accumulated = self.trainer.accumulate_grad_batches * self.trainer.world_size
         scale_gradients(self.parameters(), accumulated / max(totals.normalizer, 1e-8))
         optimizer.step(closure=lambda: loss)

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, RandomSampler
 GPU_WORKERS = 2  # see loader_workers
 
 
-def loader_workers(num_workers: int | None, device_type: str) -> dict[str, Any]:
-    """DataLoader arguments for ``data.num_workers``; workers, when there are any, live across epochs.
+def loader_workers(num_workers: int | None, trainer: Any | None) -> dict[str, Any]:
+    """DataLoader arguments for ``data.num_workers`` under ``trainer`` (none: a CPU); workers, when there are any,
+    live across epochs.
 
     None (the default) is measured (``python -m benchmarks.dataloader_workers``): on a CPU no workers, as they
     compete with the training step for its cores and gained nothing; on a GPU two, which take over fetching and
@@ -31,7 +32,8 @@ def loader_workers(num_workers: int | None, device_type: str) -> dict[str, Any]:
     """
     if num_workers is None:
         warnings.filterwarnings("ignore", message=".*does not have many workers", category=PossibleUserWarning)
-        num_workers = GPU_WORKERS if device_type == "cuda" else 0
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        num_workers = GPU_WORKERS if on_gpu else 0
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0}
 
 

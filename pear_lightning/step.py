@@ -58,9 +58,9 @@ def nonfinite_gradients(parameters: Iterable[nn.Parameter], device: torch.device
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros((), device=device)
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # DTensor shards (FSDP2)
-    # A sum is non-finite when an element is (or when it overflows fp32, which only a diverged gradient does).
-    total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+    # A norm is non-finite when an element is (or when it overflows, which only a diverged gradient does); the
+    # foreach kernel takes all the gradients in a few launches.
+    total = torch.stack([norm.float() for norm in torch._foreach_norm(_local(grads))]).sum()
     return (~total.isfinite()).float()
 
 
@@ -129,9 +129,14 @@ class StepBooks:
 
 def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> None:
     """Multiply every gradient by ``factor`` in place."""
-    for param in parameters:
-        if param.grad is not None:
-            param.grad.mul_(factor)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(_local(grads), factor)
+
+
+def _local(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient, or this rank's shard of it (FSDP2's DTensors)."""
+    return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
 
 
 def check_strategy(strategy: Strategy) -> None:

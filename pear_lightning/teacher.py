@@ -25,8 +25,9 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from .cache import TEACHER_DTYPES, model_fingerprint, read_manifest
 from .distill import MAKE_CACHE, TEACHER_COLUMNS
 from .errors import LOAD_ERRORS, PearError, load_error
-from .logprobs import teacher_topk
+from .logprobs import ChunkSize
 from .module import PearModule
+from .topk import teacher_topk
 
 MASS_TOLERANCE = 0.01  # |log(Σ top-k probabilities + tail)|: fp16 rounding stays far below, a spoilt value does not
 
@@ -38,12 +39,17 @@ class TeacherScorer(PearModule):
     Args:
         model_name_or_path: the teacher model.
         top_k: how many of its most likely tokens to keep per position.
-        logprob_chunk_size: loss tokens whose fp32 logits are computed at once.
+        logprob_chunk_size: loss tokens projected to the vocabulary at once; ``auto``: planned from the memory budget
+            (see ``topk``).
         trust_remote_code: allow the model folder to run its own code.
     """
 
     def __init__(
-        self, model_name_or_path: str, top_k: int, logprob_chunk_size: int = 256, trust_remote_code: bool = False
+        self,
+        model_name_or_path: str,
+        top_k: int,
+        logprob_chunk_size: ChunkSize = "auto",
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__(model_name_or_path, logprob_chunk_size=logprob_chunk_size, trust_remote_code=trust_remote_code)
         self.top_k = top_k
@@ -51,10 +57,8 @@ class TeacherScorer(PearModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """``PearModule.predict_step``'s keys, plus the flat [N, k] ``teacher_topk_ids`` / ``teacher_topk_logprobs``
         and [N] ``teacher_tail_logprob`` of the response tokens."""
-        ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        logp, top_ids, values, tail = teacher_topk(
-            self.model, ids, attention, mask, self.top_k, self.chunk_size, self.scoring
-        )
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        logp, top_ids, values, tail = teacher_topk(self.model, batch, self.top_k, self.chunk_size, self.scoring)
         scored = {"token_ids": ids[mask], "logprobs": logp[mask], "lengths": mask.sum(dim=1)}
         return {"ids": batch["ids"], **scored, **dict(zip(TEACHER_COLUMNS, (top_ids.int(), values, tail)))}
 

@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "pear_lightning" / "demo"
@@ -36,10 +36,10 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(STUDENT)
 
 
-def save_tiny_llama(path: Path, tokenizer, **overrides) -> Path:
+def save_tiny_llama(path: Path, tokenizer, model_class=LlamaForCausalLM, **overrides) -> Path:
     """Save a freshly initialised (seed 0) two-layer Llama with ``tokenizer`` in ``path``; ``overrides``
-    change its config."""
-    config = LlamaConfig(
+    change its config, ``model_class`` the architecture (one with Llama's config fields, e.g. Qwen2)."""
+    config = model_class.config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -52,7 +52,7 @@ def save_tiny_llama(path: Path, tokenizer, **overrides) -> Path:
         **overrides,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -51,3 +51,48 @@ def test_runner_section_says_why_a_benchmark_has_no_figures(results_dir):
     assert run.section("cache_join", "Intro.", None) == "Intro.\n\n| a | b |"
     failed = run.section("cache_join", "Intro.", "failed (exit 1): boom")
     assert failed == "Intro.\n\nNot measured in the last run: failed (exit 1): boom."
+
+
+def test_gpu_benchmark_dry_run_on_the_cpu_runs_every_arm_and_the_largest_batch_search(results_dir):
+    from benchmarks import gpu_throughput
+
+    gpu_throughput.main(gpu_throughput.parse_args(["--device", "cpu", "--tiny"]))
+    report = json.loads((results_dir / "gpu_throughput.json").read_text())
+    (result,) = report["results"]
+    assert set(result["runs"]) == set(gpu_throughput.ARMS)
+    assert all(len(runs) == 1 and runs[0]["tokens_per_s"] > 0 for runs in result["runs"].values())
+    assert set(result["largest"]) == set(gpu_throughput.MAX_BATCH_ARMS)
+    assert all(run["batch_size"] == 4 and run["tokens_per_s"] > 0 for run in result["largest"].values())
+    table = (results_dir / "gpu_throughput.md").read_text()
+    assert "| pear TokenIS packed |" in table and "Packed / padded tokens/s, per round: UniformSFT" in table
+    assert "`python -m benchmarks.gpu_throughput --device cpu --tiny`" in table
+
+
+def test_the_largest_batch_search_finds_the_limit_within_an_eighth():
+    from benchmarks.gpu_throughput import largest_batch
+
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= 37
+
+    assert largest_batch(fits, 8, 256) == 36
+    assert tried == [16, 32, 64, 48, 40, 36]
+    assert largest_batch(lambda batch: True, 8, 100) == 100  # never out of memory: the cap
+    assert largest_batch(lambda batch: False, 8, 256) == 8  # the start is known to fit
+
+
+@pytest.mark.parametrize(
+    "shape, parameters",
+    [("smollm2-135m", 134_515_008), ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512)],
+)
+def test_the_gpu_benchmark_models_have_the_published_sizes(shape, parameters):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.gpu_models import shape_config
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(shape_config(shape, 0, 1))
+    assert sum(p.numel() for p in model.parameters()) == parameters

@@ -93,7 +93,7 @@ def fit_token_is(tmp_path, tiny_model_dir, shift: float, steps: int, ratio_clip=
     module = PearModule(
         str(tiny_model_dir), weighting=TokenIS(log_ratio_clip=ratio_clip), optimizer=adamw(1e-4), **module_args
     )
-    fit_quietly(module, data, max_steps=steps)
+    fit_quietly(module, data, max_steps=steps, log_every_n_steps=1)  # the watch reads logging steps
 
 
 def test_saturated_weights_warn_once_with_the_fraction_and_what_to_do(tmp_path, tiny_model_dir):

@@ -9,24 +9,19 @@ from pear_lightning import PearModule
 from pear_lightning.collate import collate as collate_rows
 from pear_lightning.distill import TEACHER_COLUMNS, TeacherTopK, bucket_kl, score
 from pear_lightning.errors import PearError
-from pear_lightning.logprobs import teacher_topk, topk_logprobs
 from pear_lightning.loss import loss_terms
 from pear_lightning.render import tokenize_example
-from pear_lightning.strategies import (
-    DFT,
-    BlockIS,
-    SequenceIS,
-    TokenBatch,
-    TokenIS,
-    TruncatedIS,
-    UniformSFT,
-    WeightingStrategy,
-)
+from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenIS, TruncatedIS, UniformSFT
+from pear_lightning.strategies.base import TokenBatch, WeightingStrategy
+from pear_lightning.topk import teacher_topk, topk_logprobs
+
+
+def tokenized(tokenizer, rows):
+    return [{**tokenize_example(row, tokenizer, 128, str(i)), "id": row["id"]} for i, row in enumerate(rows)]
 
 
 def collate(tokenizer, rows):
-    tokenized = [{**tokenize_example(row, tokenizer, 128, str(i)), "id": row["id"]} for i, row in enumerate(rows)]
-    return collate_rows(tokenized, tokenizer.pad_token_id)
+    return collate_rows(tokenized(tokenizer, rows), tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def batch(tokenizer):
 def with_teacher(batch, model, k):
     """``batch`` with ``model``'s top-k as the teacher columns (as a cache would give them)."""
     with torch.no_grad():
-        _, ids, values, tail = teacher_topk(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], k)
+        _, ids, values, tail = teacher_topk(model, batch, k)
     return {**batch, **dict(zip(TEACHER_COLUMNS, (ids, values, tail)))}
 
 
@@ -69,7 +64,7 @@ def test_with_k_equal_to_the_vocabulary_kl_and_gradient_equal_the_dense_kl(stude
     taught = with_teacher(batch, teacher_model, vocab)
     teacher = TeacherTopK(*(taught[c] for c in TEACHER_COLUMNS))
     assert teacher.ids.shape[1] == vocab and torch.isneginf(teacher.tail).all()
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], teacher.ids)
+    args = (batch, teacher.ids)
     weights = torch.rand(len(teacher.ids))  # any per-token weights: the gradient of Σ w·KL must match too
 
     _, at_ids, tail = topk_logprobs(model, *args, chunk_size=chunk_size)
@@ -91,7 +86,7 @@ def test_with_fewer_tokens_it_is_the_kl_of_the_bucketed_distributions_and_at_mos
 ):
     k = 5
     teacher = TeacherTopK(*(with_teacher(batch, teacher_model, k)[c] for c in TEACHER_COLUMNS))
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], teacher.ids)
+    args = (batch, teacher.ids)
     with torch.no_grad():
         ours = bucket_kl(*topk_logprobs(student.model, *args)[1:], teacher)
         log_q, log_p = dense(teacher_model, batch).double(), dense(student.model, batch).double()
@@ -150,9 +145,7 @@ def test_every_strategy_weights_the_token_kl_unchanged(student, teacher_model, b
     weights = strategy.weights(tokens)  # from the data token's log-probs and the behaviour log-probs, as for NLL
     assert not weights.requires_grad
     teacher = TeacherTopK(*(taught[c] for c in TEACHER_COLUMNS))
-    _, at_ids, tail = topk_logprobs(
-        student.model, *(batch[c] for c in ("input_ids", "attention_mask", "loss_mask")), teacher.ids
-    )
+    _, at_ids, tail = topk_logprobs(student.model, batch, teacher.ids)
     kl = torch.zeros_like(tokens.logp).masked_scatter(tokens.mask, bucket_kl(at_ids, tail, teacher))
     expected = kl if kind == "kl" else kl - tokens.logp
     reference = (weights * expected)[tokens.mask].sum()
@@ -183,3 +176,38 @@ def test_a_batch_without_teacher_or_with_ids_beyond_the_student_vocabulary_is_re
     taught[TEACHER_COLUMNS[0]][3, 1] = 301
     with pytest.raises(PearError, match="holds token id 301, outside the student's vocabulary of 301"):
         score(student.model, taught, "kl", 256)
+
+
+@pytest.mark.parametrize("kind", ["kl", "nll+kl"])
+def test_a_packed_batch_gives_each_example_the_padded_batchs_token_losses(student, teacher_model, tokenizer, kind):
+    rows = tokenized(tokenizer, [{k: v for k, v in r.items() if k != "logprobs"} for r in demo_rows(6)])
+    padded = collate_rows(rows, tokenizer.pad_token_id)
+    taught = with_teacher(padded, teacher_model, 8)
+    counts = padded["loss_mask"].sum(dim=1).tolist()  # one example per padded row, its teacher rows in order
+    columns = [taught[c].split(counts) for c in TEACHER_COLUMNS]
+    torch.manual_seed(0)
+    for i, row in enumerate(rows):
+        row |= {c: columns[j][i].flatten().tolist() for j, c in enumerate(TEACHER_COLUMNS)}
+        row["behavior_logp"] = (-3 * torch.rand(counts[i])).tolist()
+    padded, packed = collate_rows(rows, tokenizer.pad_token_id), collate_rows(rows, tokenizer.pad_token_id, 512)
+    assert len(packed["input_ids"]) < len(rows)
+    strategy = TokenIS(gamma=0.9)  # suffix sums within each packed sequence (segment_ids)
+    terms = []
+    for b in (padded, packed):
+        tokens, per_token, metrics = score(student.model, b, kind, "auto")
+        terms.append(loss_terms(strategy, tokens, "tokens", per_token, metrics))
+    ours = [score(student.model, b, kind, 7)[1] for b in (padded, packed)]  # fixed chunks, recomputed: the same
+    for i in range(len(rows)):
+        in_packed = (packed["segment_ids"] == i) & packed["loss_mask"]
+        for a, b in ((ours[1], ours[0]), (terms[1].weights, terms[0].weights)):
+            torch.testing.assert_close(a[in_packed], b[i][padded["loss_mask"][i]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(terms[1].total, terms[0].total, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(terms[1].metrics["kl"], terms[0].metrics["kl"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_kl_diagnostics_wait_for_logging_steps(student, teacher_model, batch):
+    taught = with_teacher(batch, teacher_model, 4)
+    student.weighting = UniformSFT()
+    assert score(student.model, taught, "kl", "auto", metrics=False)[2] == {}
+    assert student.loss_terms(taught, metrics=False).metrics == {}
+    assert {"kl", "top1_agreement"} <= set(student.loss_terms(taught).metrics)

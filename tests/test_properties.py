@@ -182,3 +182,28 @@ def test_collated_batches_are_right_padded_and_aligned(rows):
         expected = torch.tensor(row["behavior_logp"], dtype=torch.float32)
         assert torch.equal(batch["behavior_logp"][i][batch["loss_mask"][i]], expected)
         assert (batch["behavior_logp"][i][~batch["loss_mask"][i]] == 0).all()
+
+
+@PROFILE
+@given(rows=tokenised_rows(), pack_length=st.integers(1, 40))
+def test_packed_batches_hold_every_example_once_with_its_own_positions_and_are_never_larger(rows, pack_length):
+    padded, packed = collate(rows, 7), collate(rows, 7, pack_length)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert packed["input_ids"].numel() <= padded["input_ids"].numel()
+    assert packed["input_ids"].shape[1] <= max(pack_length, *lengths)
+    assert packed["ids"] == padded["ids"] and packed["num_tokens"] == sum(lengths)
+    segments = packed["segment_ids"].flatten()
+    for i, row in enumerate(rows):
+        where = (segments == i).nonzero().squeeze(1)
+        assert where.tolist() == list(range(where[0], where[0] + lengths[i]))  # contiguous, in one row
+        assert packed["input_ids"].flatten()[where].tolist() == row["input_ids"]
+        assert packed["position_ids"].flatten()[where].tolist() == list(range(lengths[i]))
+        mask = packed["loss_mask"].flatten()[where]
+        assert mask.tolist() == row["loss_mask"]
+        expected = torch.tensor(row["behavior_logp"], dtype=torch.float32)
+        assert torch.equal(packed["behavior_logp"].flatten()[where][mask], expected)
+    padding = segments == -1
+    assert not packed["attention_mask"].flatten()[padding].any() and not packed["loss_mask"].flatten()[padding].any()
+    assert (packed["behavior_logp"].flatten()[~packed["loss_mask"].flatten()] == 0).all()
+    # The scored positions are the loss tokens that are not the first of their sequence, in both layouts.
+    assert len(packed["scored"]) == len(padded["scored"]) == sum(sum(r["loss_mask"][1:]) for r in rows)

@@ -138,7 +138,7 @@ def _score(cli: CacheCLI, subset: Dataset, module: PearModule, sampling: Samplin
     module.scoring = sampling
     data: PearDataModule = cli.datamodule
     collate_fn = partial(collate, pad_id=data.load_tokenizer().pad_token_id)
-    workers = loader_workers(data.num_workers, cli.trainer.strategy.root_device.type)
+    workers = loader_workers(data.num_workers, cli.trainer)
     loader = DataLoader(subset, batch_size=data.batch_size, collate_fn=collate_fn, **workers)
     predictions = cli.trainer.predict(module, dataloaders=loader, return_predictions=True) or []
     rows = [row for prediction in predictions for row in prediction_rows(prediction)]
