@@ -71,9 +71,9 @@ class ParameterSummary(Callback):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = getattr(model, "get_base_model", lambda: model)()
         what = "LoRA adapters" if base is not model else "all weights"
+        name = type(model).__name__ + (f" ({type(base).__name__})" if base is not model else "")  # wrappers: FSDP, peft
         rank_zero_info(
-            f"model: {type(base).__name__}, {total:,} parameters; training {trainable:,} "
-            f"({trainable / max(total, 1):.2%}, {what})"
+            f"model: {name}, {total:,} parameters; training {trainable:,} ({trainable / max(total, 1):.2%}, {what})"
         )
 
 

@@ -141,5 +141,5 @@ def test_the_summary_counts_parameters_and_the_lora_share(tmp_path, tiny_model_d
     params = list(module.model.parameters())
     total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
     assert 0 < trainable < total
-    line = f"model: LlamaForCausalLM, {total:,} parameters; training {trainable:,} ({trainable / total:.2%}, LoRA adapters)"
+    line = f"model: PeftModelForCausalLM (LlamaForCausalLM), {total:,} parameters; training {trainable:,} ({trainable / total:.2%}, LoRA adapters)"
     assert line in caplog.text

@@ -211,16 +211,8 @@ def test_a_setting_that_would_fail_later_is_refused_before_the_first_step(
 
 def test_a_schedule_without_a_length_lasts_the_run(run_dir, tiny_model_dir, capsys):
     path = write_jsonl(run_dir / "train.jsonl", GOOD)
-    args = fit_args(
-        run_dir,
-        tiny_model_dir,
-        path,
-        "--trainer.max_steps",
-        "3",
-        "--lr_scheduler",
-        "pear_lightning.schedule.OneCycleLR",
-    )
-    code, _, err = run_cli(args, capsys)
+    schedule = ["--lr_scheduler", "pear_lightning.schedule.OneCycleLR"]
+    code, _, err = run_cli(fit_args(run_dir, tiny_model_dir, path, "--trainer.max_steps", "3", *schedule), capsys)
     assert code == 0, err
 
 

@@ -174,7 +174,8 @@ def test_fsdp2_with_lora_trains_on_two_cpu_ranks(tmp_path, tiny_model_dir, alter
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FSDPPeftModelForCausalLM" in result.stdout  # the model really is sharded (FSDP2 wraps its class)
+    # The model really is sharded: FSDP2 wraps its class, which the parameter summary names.
+    assert "model: FSDPPeftModelForCausalLM (LlamaForCausalLM)" in result.stderr
     lines = (tmp_path / "fsdp2" / "version_0" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
     losses = [
