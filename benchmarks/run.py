@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--only NAME ...] [--device cpu|cuda]
 
-On the CPU (the default) it runs the comparisons below in about 12 minutes on a 2-core machine;
+On the CPU (the default) it runs the comparisons below in 12–25 minutes on a 2-core machine;
 ``--device cuda`` runs the GPU benchmark instead (offline, within its 540 s time budget). Each benchmark writes
 ``benchmarks/results/<name>.{json,md}``; this runner then replaces the part of README.md between the
 ``benchmarks:start`` / ``benchmarks:end`` markers (or the ``gpu-benchmarks`` ones) with those tables.
@@ -31,7 +31,7 @@ CPU_BENCHMARKS = {
         "`pear_lightning fit`, TRL's `SFTTrainer` and a hand-written loop (targets: ≥ 1.0× TRL, ≥ 0.9× the loop).",
     ),
     "strategy_overhead": (
-        ["--repeats", "7"],
+        ["--repeats", "15"],
         "**Cost of the weighting** inside our training step (target ≤ 1.03× `UniformSFT`).",
     ),
     "logprob_memory": (
