@@ -32,7 +32,8 @@ CPU_BENCHMARKS = {
     ),
     "strategy_overhead": (
         ["--repeats", "15"],
-        "**Cost of the weighting** inside our training step (target ≤ 1.03× `UniformSFT`).",
+        "**Cost of the weighting** inside our training step (target ≤ 1.03× `UniformSFT`): whole steps side by side, "
+        "and the weighting timed alone.",
     ),
     "logprob_memory": (
         ["--repeats", "5"],

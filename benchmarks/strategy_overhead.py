@@ -7,7 +7,10 @@ token losses, backward and an AdamW step, on the demo's student model and data (
 both kinds of step are timed: the plain one, and a logging step, which also computes the strategy's
 diagnostics (one step in ``trainer.log_every_n_steps``). Strategies are timed in rounds, in a
 different order each round, so machine drift cancels; the ratio per round is against the UniformSFT
-time of the same round (of the same kind of step).
+time of the same round (of the same kind of step). On a noisy host those ratios spread by ±20%, so the
+weighting is also timed alone: ``loss.loss_terms`` and the backward to the log-probs, on the log-probs of
+the same batches, without the model; its extra time over UniformSFT's, as a share of a UniformSFT step,
+is the weighting's cost measured directly.
 Writes ``benchmarks/results/strategy_overhead.{json,md}``.
 """
 
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenIS, TruncatedIS, UniformSFT
+from pear_lightning.loss import loss_terms
+from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenBatch, TokenIS, TruncatedIS, UniformSFT
 
 from .common import spread, with_range, write_results
 
@@ -47,6 +52,22 @@ def time_steps(
         optimizer.step()
         optimizer.zero_grad()
     return (time.perf_counter() - start) / steps
+
+
+def time_weighting(strategy, tokens: list[TokenBatch], steps: int, metrics: bool) -> float:
+    """Seconds per step of the weighting alone: weights, loss, normaliser (and with ``metrics`` the diagnostics) of
+    each batch's log-probs (a leaf tensor here, so backward stops there) and the backward to them."""
+    start = time.perf_counter()
+    for i in range(steps):
+        loss_terms(strategy, tokens[i % len(tokens)], metrics=metrics).mean.backward()
+    return (time.perf_counter() - start) / steps
+
+
+def scored_batches(module: PearModule, batches: list[dict]) -> list[TokenBatch]:
+    """The model's log-probs of each batch, detached into leaf tensors that require grad."""
+    with torch.no_grad():
+        scored = [module.token_batch(batch) for batch in batches]
+    return [TokenBatch(t.logp.clone().requires_grad_(), t.mask, t.behavior_logp, t.segment_ids) for t in scored]
 
 
 def demo_student(steps: int, logprobs_path: str | None = None) -> tuple[PearModule, torch.optim.Optimizer, list]:
@@ -79,6 +100,18 @@ def main(repeats: int, steps: int) -> None:
         for name, metrics in runs:
             module.weighting = STRATEGIES[name]
             times[name, metrics].append(time_steps(module, optimizer, batches, steps, metrics))
+    tokens = scored_batches(module, batches)
+    alone: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
+    for _ in range(repeats):
+        rng.shuffle(runs)
+        for name, metrics in runs:
+            alone[name, metrics].append(time_weighting(STRATEGIES[name], tokens, 10 * steps, metrics))
+    extra = {  # the weighting's extra time over UniformSFT's, in the same round, over a median UniformSFT step
+        (name, m): [
+            (t - u) / statistics.median(times["UniformSFT", m]) for t, u in zip(alone[name, m], alone["UniformSFT", m])
+        ]
+        for name, m in alone
+    }
     ratios = {
         (name, metrics): [t / b for t, b in zip(times[name, metrics], times["UniformSFT", metrics])]
         for name, metrics in times
@@ -88,6 +121,8 @@ def main(repeats: int, steps: int) -> None:
         "settings": {"repeats": repeats, "steps_per_repeat": steps, "batch_size": 32, "dtype": "float32"},
         "seconds_per_step": {f"{name} {kind[m]}": t for (name, m), t in times.items()},
         "ratio_to_uniform": {f"{name} {kind[m]}": spread(r) for (name, m), r in ratios.items()},
+        "weighting_alone_seconds": {f"{name} {kind[m]}": t for (name, m), t in alone.items()},
+        "weighting_extra_share_of_uniform_step": {f"{name} {kind[m]}": spread(e) for (name, m), e in extra.items()},
     }
     lines = [
         f"Training-step time vs UniformSFT: demo student (0.5M params), batch 32, fp32, "
@@ -101,6 +136,22 @@ def main(repeats: int, steps: int) -> None:
     ]
     for name in STRATEGIES:
         cells = [f"{with_range([1000 * t for t in times[name, m]], 1)} | {with_range(ratios[name, m])}" for m in kind]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        f"The weighting alone (weights, loss, normaliser and the backward to the log-probs, on the same batches' "
+        f"log-probs, no model; {10 * steps} steps a round): its time, and its extra time over UniformSFT's in the same "
+        "round as a share of a median UniformSFT step, which is the weighting's cost without the host's noise.",
+        "",
+        "| strategy | ms / step | extra, % of a step | ms / logging step (with diagnostics) | extra, % of a "
+        "logging step |",
+        "|---|---|---|---|---|",
+    ]
+    for name in STRATEGIES:
+        cells = [
+            f"{with_range([1000 * t for t in alone[name, m]], 2)} | {with_range([100 * e for e in extra[name, m]], 2)}"
+            for m in kind
+        ]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     write_results("strategy_overhead", report, lines)
 
