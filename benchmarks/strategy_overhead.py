@@ -94,7 +94,7 @@ def main(repeats: int, steps: int) -> None:
     rng = random.Random(0)
     for name, metrics in runs:  # warm-up
         module.weighting = STRATEGIES[name]
-        time_steps(module, optimizer, batches, 3, metrics)
+        time_steps(module, optimizer, batches, min(3, steps), metrics)
     for _ in range(repeats):
         rng.shuffle(runs)
         for name, metrics in runs:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks import common, run, throughput
+from benchmarks import common, run, strategy_overhead, throughput
 
 
 @pytest.fixture
@@ -35,6 +35,16 @@ def test_throughput_runs_every_arm_on_the_same_tokens(results_dir):
     table = (results_dir / "throughput.md").read_text()
     assert "| pear UniformSFT / plain PyTorch loop |" in table
     assert ("not run: TRL is not installed" in table) is not trl_installed
+
+
+def test_strategy_overhead_times_every_strategy_in_a_step_and_alone(results_dir):
+    strategy_overhead.main(repeats=1, steps=2)
+    report = json.loads((results_dir / "strategy_overhead.json").read_text())
+    runs = {f"{name} {kind}" for name in strategy_overhead.STRATEGIES for kind in ("step", "logging_step")}
+    assert set(report["seconds_per_step"]) == set(report["weighting_alone_seconds"]) == runs
+    assert report["weighting_extra_share_of_uniform_step"]["UniformSFT step"]["median"] == 0
+    table = (results_dir / "strategy_overhead.md").read_text()
+    assert all(table.count(f"| {name} |") == 2 for name in strategy_overhead.STRATEGIES)  # both tables
 
 
 def test_runner_replaces_only_its_block():
