@@ -8,7 +8,8 @@ size per token with the teacher's top-k, and the training-step time of the KL ag
    the top-k in fp32 and in fp16; Parquet bytes per response token.
 2. ``fit`` (subprocesses, one at a time): ``--config demo`` (UniformSFT, nll) and ``configs/demo-distill.yaml``
    (TokenIS, kl), and with ``--uniform-kl`` ``kl`` + UniformSFT too (to tell the loss from the weighting apart);
-   same seed, steps and everything else; greedy ``val/accuracy`` (200 held-out problems) at each validation.
+   same seed, steps and everything else; greedy ``val/accuracy`` (200 held-out problems) at each validation, and
+   each arm's difference to UniformSFT paired by seed, with a 95% bootstrap interval over seeds.
 3. Step time of ``PearModule.loss_terms`` + backward + AdamW on the same batches (demo student, batch 32, fp32):
    UniformSFT nll, TokenIS nll, TokenIS kl, TokenIS nll+kl, in a new random order each round.
 
@@ -118,36 +119,70 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
     base = times["TokenIS, nll"]
     ratios = {name: [t / b for t, b in zip(times[name], base)] for name in times}
     report = {
-        "settings": {"seeds": seeds, "steps": steps, "repeats": repeats, "top_k": top_k, "batch_size": 32},
+        "settings": {
+            "seeds": seeds,
+            "steps": steps,
+            "repeats": repeats,
+            "top_k": top_k,
+            "batch_size": 32,
+            "threads": torch.get_num_threads(),
+        },
+        "command": (
+            f"python -m benchmarks.distill --seeds {' '.join(map(str, seeds))} --steps {steps} --repeats {repeats} "
+            f"--top-k {top_k}{' --uniform-kl' if uniform_kl else ''} --jobs {jobs} --threads {torch.get_num_threads()}"
+        ),
         "cache": caches,
         "val_accuracy": {name: {str(s): by_step for s, by_step in runs.items()} for name, runs in accuracy.items()},
         "seconds_per_step": times,
         "step_ratio_to_tokenis_nll": {name: spread(r) for name, r in ratios.items()},
     }
-    plain = caches["behaviour log-probs only"]["bytes_per_token"]
+    write_results("distill", report, render(report))
+
+
+def paired_difference(arm: list[float], base: list[float], reps: int = 10000) -> tuple[float, float, float]:
+    """Mean of ``arm − base`` over seeds (paired) and its 95% bootstrap interval, resampling seeds."""
+    diff = [a - b for a, b in zip(arm, base)]
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(diff, k=len(diff))) for _ in range(reps))
+    return statistics.mean(diff), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def render(report: dict) -> list[str]:
+    """The Markdown tables of a report: final accuracy per seed with each arm's paired difference against the first
+    arm (UniformSFT, nll), the cache sizes and the step times."""
+    settings, caches, times = report["settings"], report["cache"], report["seconds_per_step"]
+    seeds = [str(s) for s in settings["seeds"]]
+    finals = {name: [runs[s][max(runs[s], key=int)] for s in seeds] for name, runs in report["val_accuracy"].items()}
+    base = next(iter(finals.values()))
     lines = [
-        f"Distillation on the demo (teacher = the behaviour policy, top-{top_k}), {torch.get_num_threads()} CPU "
-        f"threads (`python -m benchmarks.distill --seeds {' '.join(map(str, seeds))} --steps {steps} --repeats "
-        f"{repeats} --top-k {top_k}{' --uniform-kl' if uniform_kl else ''} --jobs {jobs} --threads "
-        f"{torch.get_num_threads()}`).",
+        f"Distillation on the demo (teacher = the behaviour policy, top-{settings['top_k']}), "
+        f"{settings['threads']} CPU threads per process (`{report['command']}`).",
         "",
-        f"Greedy val/accuracy (200 held-out problems) after {steps} steps, same seed, data order and schedule:",
+        f"Greedy val/accuracy (200 held-out problems) after {settings['steps']} steps, same seed, data order and "
+        "schedule; the difference to UniformSFT is paired by seed, with a 95% bootstrap interval over seeds:",
         "",
-        f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean |",
-        "|---|" + "---|" * (len(seeds) + 1),
+        f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean | − UniformSFT [95% interval] | seeds higher |",
+        "|---|" + "---|" * (len(seeds) + 3),
     ]
-    for name, runs in accuracy.items():
-        finals = [runs[s][max(runs[s])] for s in seeds]
-        lines.append(f"| {name} | {' | '.join(f'{a:.3f}' for a in finals)} | {statistics.mean(finals):.3f} |")
+    for name, accuracy in finals.items():
+        mean, low, high = paired_difference(accuracy, base)
+        higher = sum(a > b for a, b in zip(accuracy, base))
+        cells = [f"{a:.3f}" for a in accuracy] + [f"{statistics.mean(accuracy):.3f}"]
+        cells += (
+            ["", ""] if accuracy is base else [f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]", f"{higher} of {len(seeds)}"]
+        )
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    plain = caches["behaviour log-probs only"]["bytes_per_token"]
     lines += ["", "Cache size, demo train split (Parquet, snappy):", ""]
     lines += ["| cache | bytes / response token | of which the teacher's columns |", "|---|---|---|"]
     for name, c in caches.items():
         lines.append(f"| {name} | {c['bytes_per_token']:.1f} | {c['bytes_per_token'] - plain:.1f} |")
-    lines += ["", f"Training-step time, median (min–max) of {repeats} rounds of 20 steps (batch 32, fp32):", ""]
-    lines += ["| loss | ms / step | ratio to TokenIS nll in the same round |", "|---|---|---|"]
+    lines += ["", f"Training-step time, median (min–max) of {settings['repeats']} rounds of 20 steps (batch 32, fp32):"]
+    lines += ["", "| loss | ms / step | ratio to TokenIS nll in the same round |", "|---|---|---|"]
     for name in STEP_ARMS:
-        lines.append(f"| {name} | {with_range([1000 * t for t in times[name]], 1)} | {with_range(ratios[name])} |")
-    write_results("distill", report, lines)
+        ratio = report["step_ratio_to_tokenis_nll"][name]["values"]
+        lines.append(f"| {name} | {with_range([1000 * t for t in times[name]], 1)} | {with_range(ratio)} |")
+    return lines
 
 
 if __name__ == "__main__":
