@@ -81,3 +81,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def paired_difference(arm: list[float], base: list[float], reps: int = 10000) -> tuple[float, float, float]:
+    """Mean of ``arm − base`` over seeds (paired) and its 95% bootstrap interval, resampling seeds."""
+    diff = [a - b for a, b in zip(arm, base)]
+    rng = random.Random(0)
+    means = sorted(statistics.mean(rng.choices(diff, k=len(diff))) for _ in range(reps))
+    return statistics.mean(diff), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]

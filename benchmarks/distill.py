@@ -37,7 +37,7 @@ import torch
 
 from pear_lightning.strategies import TokenIS, UniformSFT
 
-from .common import spread, with_range, write_results
+from .common import paired_difference, spread, with_range, write_results
 from .strategy_overhead import demo_student, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,14 +137,6 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
         "step_ratio_to_tokenis_nll": {name: spread(r) for name, r in ratios.items()},
     }
     write_results("distill", report, render(report))
-
-
-def paired_difference(arm: list[float], base: list[float], reps: int = 10000) -> tuple[float, float, float]:
-    """Mean of ``arm − base`` over seeds (paired) and its 95% bootstrap interval, resampling seeds."""
-    diff = [a - b for a, b in zip(arm, base)]
-    rng = random.Random(0)
-    means = sorted(statistics.mean(rng.choices(diff, k=len(diff))) for _ in range(reps))
-    return statistics.mean(diff), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
 def render(report: dict) -> list[str]:

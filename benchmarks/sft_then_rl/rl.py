@@ -26,11 +26,12 @@ class RLSettings:
     loss_type: str = "dapo"
 
 
-def rl_prompts(count: int, exclude: set[str], seed: int) -> list[dict]:
-    """``count`` fresh problems (none of them in ``exclude``) as TRL conversational prompts with their answers."""
+def rl_prompts(count: int, exclude: set[str], seed: int, min_steps: int = 2, max_steps: int = 3) -> list[dict]:
+    """``count`` fresh problems of ``min_steps``..``max_steps`` operations (none of them in ``exclude``) as TRL
+    conversational prompts with their answers."""
     rng, seen, rows = random.Random(seed), set(exclude), []
     while len(rows) < count:
-        problem = sample_problem(rng)
+        problem = sample_problem(rng, min_steps, max_steps)
         if problem.question not in seen:
             seen.add(problem.question)
             rows.append({"prompt": [{"role": "user", "content": problem.question}], "answer": str(problem.answer)})

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,20 +93,24 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def train_behavior(model, tokenizer, rng: random.Random, steps: int, batch_size: int) -> None:
-    """Fit the behaviour policy to the stochastic solver's solutions (plain SFT, loss on responses)."""
+def train_on_solutions(
+    model,
+    tokenizer,
+    draw: Callable[[random.Random], tuple[Problem, str]],
+    rng: random.Random,
+    steps: int,
+    batch_size: int,
+) -> None:
+    """Fit ``model`` to worked solutions, ``draw(rng)`` giving one (problem, solution) at a time (plain SFT, loss on
+    responses, AdamW 3e-3 one-cycle)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     model.train()
     for step in range(steps):
         rows = []
         for _ in range(batch_size):
-            problem = sample_problem(rng)
-            rows.append(
-                tokenize_example(
-                    {"messages": chat(problem, reference_solution(problem, rng))}, tokenizer, 256, "solver"
-                )
-            )
+            problem, solution = draw(rng)
+            rows.append(tokenize_example({"messages": chat(problem, solution)}, tokenizer, 256, "solver"))
         input_ids = pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
         labels = pad([[t if m else -100 for t, m in zip(r["input_ids"], r["loss_mask"])] for r in rows], -100)
         loss = model(
@@ -117,11 +122,23 @@ def train_behavior(model, tokenizer, rng: random.Random, steps: int, batch_size:
         schedule.step()
         optimizer.zero_grad()
         if step % 200 == 0 or step == steps - 1:
-            print(f"behaviour policy step {step}: loss {loss.item():.4f}", flush=True)
+            print(f"step {step}: loss {loss.item():.4f}", flush=True)
     model.eval()
 
 
-def sample_split(problems: list[Problem], prefix: str, seed: int) -> tuple[list[dict], int]:
+def solver_sample(rng: random.Random) -> tuple[Problem, str]:
+    """A fresh problem and the stochastic solver's solution to it: the behaviour policy's training data."""
+    problem = sample_problem(rng)
+    return problem, reference_solution(problem, rng)
+
+
+def sample_split(
+    problems: list[Problem],
+    prefix: str,
+    seed: int,
+    behavior: Path = HERE / "assets" / "behavior",
+    max_new_tokens: int = 64,
+) -> tuple[list[dict], int]:
     """Sample one response per problem from the saved behaviour policy with ``generate`` at temperature 1, and keep
     the correct ones."""
     with tempfile.TemporaryDirectory() as work:
@@ -133,8 +150,15 @@ def sample_split(problems: list[Problem], prefix: str, seed: int) -> tuple[list[
         cli.main(
             [
                 "generate",
-                *("--model.model_name_or_path", str(HERE / "assets" / "behavior"), "--trainer.accelerator", "cpu"),
-                *("--prompts", str(prompts), "--output", str(Path(work) / "out"), "--max_new_tokens", "64"),
+                *("--model.model_name_or_path", str(behavior), "--trainer.accelerator", "cpu"),
+                *(
+                    "--prompts",
+                    str(prompts),
+                    "--output",
+                    str(Path(work) / "out"),
+                    "--max_new_tokens",
+                    str(max_new_tokens),
+                ),
                 *("--verifier", "pear_lightning.demo.task.check_answer", "--batch_size", "256", "--seed", str(seed)),
             ]
         )
@@ -161,7 +185,7 @@ def main(num_train: int = 4000, num_val: int = 200, behavior_steps: int = 1500, 
     tokenizer = build_tokenizer(corpus, vocab_size=320)
 
     behavior = tiny_llama(tokenizer, seed=seed + 1)
-    train_behavior(behavior, tokenizer, rng, behavior_steps, batch_size=64)
+    train_on_solutions(behavior, tokenizer, solver_sample, rng, behavior_steps, batch_size=64)
     student = tiny_llama(tokenizer, seed=seed + 2)
     for name, model in (("behavior", behavior), ("student", student)):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
