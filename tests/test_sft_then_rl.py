@@ -189,9 +189,13 @@ def test_arms_are_labelled_by_normalizer_and_paired_with_uniform_by_seed():
     assert delta["low"] == pytest.approx(-0.05) and delta["high"] <= 0.10 + 1e-12
     assert table["TokenIS (weights)"]["delta_pass@8"]["mean"] == pytest.approx(0.0)
     assert "delta_pass@1" not in table["UniformSFT"]
+    # the SFT-stage scores are equal (0.3), so the RL gain's difference is the post-RL one
+    assert table["TokenIS (weights)"]["delta_sft_pass@1"]["mean"] == pytest.approx(0.0)
+    assert table["TokenIS (weights)"]["delta_gain_pass@1"]["mean"] == pytest.approx(delta["mean"])
     assert pretrained_report.verdicts(table) == [
-        "- TokenIS (weights) after RL vs UniformSFT: pass@1 +0.033, no different (interval holds 0); "
-        "pass@8 +0.000, no different (interval holds 0)."
+        "- TokenIS (weights) vs UniformSFT: post-RL pass@1 +0.033, no different (interval holds 0); "
+        "post-RL pass@8 +0.000, no different (interval holds 0); SFT pass@1 +0.000, no different (interval holds 0); "
+        "RL gain in pass@1 +0.033, no different (interval holds 0)."
     ]
 
 

@@ -15,6 +15,13 @@ from .report import mean_std, ranking_agreement
 
 KS = ("pass@1", "pass@8", "pass@16")
 BASELINE = "UniformSFT"
+# What each arm is compared with UniformSFT on, seed by seed: (how to read it from a chain's result, its name).
+COMPARED = {
+    "pass@1": (lambda r: r["after_rl"]["pass@1"], "post-RL pass@1"),
+    "pass@8": (lambda r: r["after_rl"]["pass@8"], "post-RL pass@8"),
+    "sft_pass@1": (lambda r: r["before_rl"]["pass@1"], "SFT pass@1"),
+    "gain_pass@1": (lambda r: r["after_rl"]["pass@1"] - r["before_rl"]["pass@1"], "RL gain in pass@1"),
+}
 # The weight diagnostics the report shows, with their headings.
 DIAGNOSTICS = {
     "ess": "ESS / N",
@@ -85,8 +92,8 @@ def phenomenon(table: dict[int, dict[str, dict]], k: str = "pass@1") -> list[str
 
 
 def arms(results: Sequence[dict], steps: int) -> dict[str, dict]:
-    """Per arm at ``steps`` SFT steps: its scores over seeds, and for every arm but UniformSFT the post-RL pass@k
-    minus UniformSFT's with the same seed (mean, 95% bootstrap interval over seeds, seeds higher)."""
+    """Per arm at ``steps`` SFT steps: its scores over seeds, and for every arm but UniformSFT each ``COMPARED``
+    quantity minus UniformSFT's with the same seed (mean, 95% bootstrap interval over seeds, seeds higher)."""
     groups: dict[str, list[dict]] = {}
     for r in results:
         if r["sft_steps"] == steps and r["arm"] != "behavior":
@@ -99,9 +106,9 @@ def arms(results: Sequence[dict], steps: int) -> dict[str, dict]:
         paired = [r for r in rows if r["seed"] in base and "after_rl" in r]
         if name == BASELINE or not paired:
             continue
-        for k in ("pass@1", "pass@8"):
-            arm_values = [r["after_rl"][k] for r in paired]
-            base_values = [base[r["seed"]]["after_rl"][k] for r in paired]
+        for k, (read, _) in COMPARED.items():
+            arm_values = [read(r) for r in paired]
+            base_values = [read(base[r["seed"]]) for r in paired]
             mean, low, high = paired_difference(arm_values, base_values)
             higher = sum(a > b for a, b in zip(arm_values, base_values))
             table[name][f"delta_{k}"] = {"mean": mean, "low": low, "high": high, "higher": higher, "n": len(paired)}
@@ -179,12 +186,13 @@ def render(report: dict) -> list[str]:
         "95% bootstrap interval over seeds):",
         "",
         "| arm | SFT pass@1 | SFT pass@8 | post-RL pass@1 | post-RL pass@8 | post-RL pass@16 | "
-        "post-RL pass@1 − UniformSFT | post-RL pass@8 − UniformSFT |",
-        "|---|---|---|---|---|---|---|---|",
+        + " | ".join(f"{name} − UniformSFT" for _, name in COMPARED.values())
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(COMPARED),
     ]
     for name, stats in arm_table.items():
         cells = [fmt(stats.get(k)) for k in ("sft_pass@1", "sft_pass@8", "rl_pass@1", "rl_pass@8", "rl_pass@16")]
-        for k in ("pass@1", "pass@8"):
+        for k in COMPARED:
             d = stats.get(f"delta_{k}")
             cells.append(
                 f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {d['higher']} of {d['n']} higher" if d else ""
@@ -206,12 +214,12 @@ def render(report: dict) -> list[str]:
 
 
 def verdicts(arm_table: dict[str, dict]) -> list[str]:
-    """One sentence per arm: whether its post-RL interval against UniformSFT lies above, below or around zero (with at
-    least three seeds)."""
+    """One sentence per arm: whether each of its intervals against UniformSFT lies above, below or around zero (with
+    at least three seeds)."""
     lines = []
     for name, stats in arm_table.items():
         parts = []
-        for k in ("pass@1", "pass@8"):
+        for k, (_, quantity) in COMPARED.items():
             d = stats.get(f"delta_{k}")
             if not d:
                 continue
@@ -219,15 +227,15 @@ def verdicts(arm_table: dict[str, dict]) -> list[str]:
                 word = f"{d['n']} seed(s): too few for an interval"
             else:
                 word = "higher" if d["low"] > 0 else "lower" if d["high"] < 0 else "no different (interval holds 0)"
-            parts.append(f"{k} {d['mean']:+.3f}, {word}")
+            parts.append(f"{quantity} {d['mean']:+.3f}, {word}")
         if parts:
-            lines.append(f"- {name} after RL vs UniformSFT: " + "; ".join(parts) + ".")
+            lines.append(f"- {name} vs UniformSFT: " + "; ".join(parts) + ".")
     return lines
 
 
 def plot(report: dict, path: Path) -> None:
-    """Three panels: the sweep (SFT and post-RL pass@1 against SFT length), the arms (SFT and post-RL pass@1 with
-    each seed as a dot), and the weights' ESS and clip fractions over SFT per importance-sampling arm."""
+    """Five panels: the sweep (SFT and post-RL pass@1 against SFT length), the arms (SFT and post-RL pass@1 with
+    each seed as a dot), and over SFT per importance-sampling arm the weights' ESS, clip fractions and log-ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +245,7 @@ def plot(report: dict, path: Path) -> None:
     table = sweep(results, settings["sweep_seeds"])
     arm_table = arms(results, settings["sft_steps"])
     diagnostics = weight_diagnostics(results, settings["sft_steps"])
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.8))
     ax = axes[0]
     steps = list(table)
     for key, style, name in (("sft_pass@1", "o--", "after SFT"), ("rl_pass@1", "o-", "after SFT + GRPO")):
@@ -264,7 +272,7 @@ def plot(report: dict, path: Path) -> None:
         for i in have:
             values = arm_table[names[i]][key]["values"]
             ax.scatter([i + offset] * len(values), values, s=8, color="black", zorder=3)
-    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7, rotation=30)
     ax.set_title(f"held-out pass@1 per arm ({settings['sft_steps']} SFT steps)")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
@@ -275,6 +283,7 @@ def plot(report: dict, path: Path) -> None:
             ("log_weight_at_upper_clip", "log_weight_at_lower_clip"),
             "tokens at the upper (—) / lower (--) clip",
         ),
+        (axes[4], ("log_ratio_mean",), "mean log-ratio log π_θ − log π_β"),
     ):
         for i, (name, entry) in enumerate(diagnostics.items()):
             for key, style in zip(keys, ("-", "--")):

@@ -1,13 +1,13 @@
 """The pretrained regime: a student with a policy of its own, and a behaviour policy π_β that writes differently.
 
-    python -m benchmarks.sft_then_rl.regime                 # rebuild the committed models in assets/ (25 min, 2 cores)
+    python -m benchmarks.sft_then_rl.regime                 # rebuild the committed models in assets/ (15 min, 2 cores)
     python -m benchmarks.sft_then_rl.regime --data DIR      # draw the SFT data and held-out problems into DIR
 
 The task is the demo's (evaluate a chain of additions and subtractions), on chains of 3 or 4 operations.
 
-- **π_β** writes long worked solutions (about 100–150 tokens): it restates the problem, names every step in words,
+- **π_β** writes long worked solutions (about 110–200 tokens): it restates the problem, names every step in words,
   restates the running value, and closes with a sentence before ``#### <answer>``. Its wording is drawn at random, so
-  it is a stochastic policy; it is nearly always right.
+  it is a stochastic policy. Sampled at temperature 1 it is right about three times in four (pass@1 0.72).
 - **The student** was pretrained on its own terse style (``7+5=12. 12-3=9. #### 9``), which makes arithmetic slips and
   sometimes trails off without the final ``####`` line. A tenth of its pretraining text was worded like π_β's, but
   with its own taste in phrasing (the first phrasing of each choice 85% of the time, where π_β picks uniformly), so
