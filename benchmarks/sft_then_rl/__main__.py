@@ -232,10 +232,10 @@ def main_pretrained(args: argparse.Namespace, options: dict) -> int:
     work = Path(args.work)
     data = work / "data"
     started = time.perf_counter()
-    if not (data / "train.jsonl").exists():
-        draw = [sys.executable, "-m", "benchmarks.sft_then_rl.regime", "--data", str(data)]
-        draw += ["--num-train", str(args.num_train)]
-        subprocess.run(draw, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"), check=True)
+    shutil.rmtree(data, ignore_errors=True)  # drawn afresh every run (30 s): never log-probs of an older π_β
+    draw = [sys.executable, "-m", "benchmarks.sft_then_rl.regime", "--data", str(data)]
+    draw += ["--num-train", str(args.num_train)]
+    subprocess.run(draw, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"), check=True)
     steps = options.pop("sft_steps")
     lengths = QUICK_SWEEP if args.quick else SWEEP
     common = {"regime": "pretrained", "data": str(data)}
