@@ -25,8 +25,8 @@ import lightning as L
 import torch
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
-from pear_lightning.commands.cache_logprobs import prediction_rows
+from pear_lightning.behavior.score import prediction_rows
+from pear_lightning.data.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
 
 from .common import spread, synthetic_examples, with_range, write_jsonl, write_results
 from .memory import PeakMemory

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from pear_lightning import PearDataModule
-from pear_lightning.collate import collate
+from pear_lightning.data.collate import collate
 from pear_lightning.strategies import UniformSFT
 
 from .common import spread, synthetic_examples, with_range, write_jsonl, write_results

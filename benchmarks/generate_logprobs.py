@@ -20,17 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from lightning.pytorch import Trainer
 
 from pear_lightning import PearDataModule
+from pear_lightning.behavior.generate import generate
+from pear_lightning.behavior.score import cache_logprobs
 from pear_lightning.cli import main
+from pear_lightning.sampling import SamplingSettings
 
 from .common import write_jsonl, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 BEHAVIOR = REPO / "pear_lightning" / "demo" / "assets" / "behavior"
 SETTINGS = {
-    "temperature 1": [],
-    "temperature 0.7, top-p 0.9": ["--sampling.temperature", "0.7", "--sampling.top_p", "0.9"],
+    "temperature 1": SamplingSettings(),
+    "temperature 0.7, top-p 0.9": SamplingSettings(temperature=0.7, top_p=0.9),
 }
 
 
@@ -39,14 +43,15 @@ def rows(folder: Path, pattern: str) -> dict[str, dict]:
     return {r["id"]: r for f in sorted(folder.glob(pattern)) for r in pq.read_table(f).to_pylist()}
 
 
-def measure(work: Path, prompts: Path, n: int, flags: list[str]) -> dict:
+def measure(work: Path, prompts: Path, n: int, sampling: SamplingSettings) -> dict:
     """generate → cache_logprobs → fit for one setting: the largest log-prob difference, and the counts."""
-    gen, cache, model = work / "gen", work / "cache", ["--model.model_name_or_path", str(BEHAVIOR)]
-    sample = ["--prompts", str(prompts), "--output", str(gen), "--n", str(n), "--max_new_tokens", "64"]
-    main(["generate", *model, "--trainer.accelerator", "cpu", *sample, "--batch_size", "50", *flags])
+    gen, cache = work / "gen", work / "cache"
+    generate(
+        str(prompts), gen, str(BEHAVIOR), sampling=sampling, n=n, max_new_tokens=64, batch_size=50, accelerator="cpu"
+    )
+    demo = PearDataModule(train_path=str(gen), tokenizer_name_or_path=str(BEHAVIOR), batch_size=32, max_length=128)
+    cache_logprobs(demo, cache, str(BEHAVIOR), Trainer(accelerator="cpu", devices=1, logger=False))
     config = ["--config", str(REPO / "configs" / "demo.yaml")]
-    data = ["--data.train_path", str(gen), "--data.val_path", "null"]
-    main(["cache_logprobs", *config, *model, *data, "--output", str(cache)])
     generated, cached = rows(gen, "part-*.parquet"), rows(cache, "train-*.parquet")
     assert sorted(generated) == sorted(cached)
     assert all(generated[i]["token_ids"] == cached[i]["token_ids"] for i in cached)
@@ -73,9 +78,9 @@ def run(num_prompts: int, n: int) -> None:
             problems = [json.loads(line) for line in f][:num_prompts]
         prompts = Path(tmp) / "prompts.jsonl"
         write_jsonl(prompts, [{"id": r["id"], "messages": r["messages"][:1], "answer": r["answer"]} for r in problems])
-        for name, flags in SETTINGS.items():
+        for name, sampling in SETTINGS.items():
             (Path(tmp) / name).mkdir()
-            report["settings"][name] = measure(Path(tmp) / name, prompts, n, flags)
+            report["settings"][name] = measure(Path(tmp) / name, prompts, n, sampling)
     lines += [
         f"`generate` vs `cache_logprobs` on the same samples: {num_prompts} held-out demo prompts × {n} samples, "
         "demo behaviour model, CPU fp32 (`python -m benchmarks.generate_logprobs`).",

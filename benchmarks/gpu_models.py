@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen2Config
 
-from pear_lightning.lora import LoraSettings
+from pear_lightning.model.lora import LoraSettings
 
 from .training import DEMO_TOKENIZER, TrainingData, train_loop
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pear_lightning.attention import VARLEN, VARLEN_AVAILABLE
+from pear_lightning.model.attention import VARLEN, VARLEN_AVAILABLE
 from pear_lightning.strategies import TokenIS, UniformSFT
 
 from .common import synthetic_examples, with_range, write_results

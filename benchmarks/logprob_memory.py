@@ -4,7 +4,7 @@
 
 Forward and backward of the vocabulary projection and log-softmax of ``--tokens`` loss tokens, from
 hidden states that require grad, with an fp32 lm_head of ``--vocab`` × ``--hidden``: ours
-(``pear_lightning.logprobs``, chunk 256) against ``log_softmax(lm_head(h).float()).gather``. Each
+(``pear_lightning.model.logprobs``, chunk 256) against ``log_softmax(lm_head(h).float()).gather``. Each
 repetition runs in a fresh subprocess, alternating the two, and reports that process's peak
 resident memory added by the step. Writes ``benchmarks/results/logprob_memory.{json,md}``.
 """
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pear_lightning.logprobs import head_logprobs
+from pear_lightning.model.logprobs import head_logprobs
 
 from .common import spread, with_range, write_results
 from .memory import PeakMemory

@@ -1,10 +1,10 @@
-"""Run every benchmark, one subprocess each, and rewrite the README's results tables.
+"""Run every benchmark, one subprocess each, and rewrite the results tables of docs/benchmarks.md.
 
     python -m benchmarks.run [--only NAME ...] [--device cpu|cuda]
 
 On the CPU (the default) it runs the comparisons below in 12–25 minutes on a 2-core machine;
 ``--device cuda`` runs the GPU benchmark instead (offline, within its 540 s time budget). Each benchmark writes
-``benchmarks/results/<name>.{json,md}``; this runner then replaces the part of README.md between the
+``benchmarks/results/<name>.{json,md}``; this runner then replaces the part of docs/benchmarks.md between the
 ``benchmarks:start`` / ``benchmarks:end`` markers (or the ``gpu-benchmarks`` ones) with those tables.
 A benchmark that fails or cannot run says so in its table and in the output; the others still run.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .common import RESULTS, machine
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"  # the page whose marker blocks are rewritten
 
 # name: (arguments, what the table shows); run in this order.
 CPU_BENCHMARKS = {
@@ -59,7 +59,7 @@ GPU_BENCHMARKS = {
         "≥ 1.3× padded on mixed lengths; MFU at the best batch, aim ≥ 40%).",
     ),
 }
-IMAGES = {"logprob_scaling": "benchmarks/results/logprob_scaling.png"}
+IMAGES = {"logprob_scaling": "../benchmarks/results/logprob_scaling.png"}  # relative to docs/
 
 
 def run_one(name: str, arguments: list[str], env: dict[str, str]) -> tuple[float, str | None]:
@@ -84,7 +84,7 @@ def run_one(name: str, arguments: list[str], env: dict[str, str]) -> tuple[float
 
 
 def section(name: str, intro: str, failure: str | None) -> str:
-    """One benchmark's part of the README: what it shows, then its table (or why there is none)."""
+    """One benchmark's part of docs/benchmarks.md: what it shows, then its table (or why there is none)."""
     parts = [intro, ""]
     table = RESULTS / f"{name}.md"
     if failure:
@@ -96,18 +96,19 @@ def section(name: str, intro: str, failure: str | None) -> str:
     return "\n".join(parts)
 
 
-def replace_between(text: str, marker: str, body: str) -> str:
-    """``text`` with what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` replaced by ``body``."""
+def replace_between(text: str, marker: str, body: str, page: str = "docs/benchmarks.md") -> str:
+    """``text`` (the content of ``page``) with what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->``
+    replaced by ``body``."""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block to rewrite")
+        raise SystemExit(f"{page} has no {start} ... {end} block to rewrite")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main(only: list[str] | None, device: str) -> int:
-    """Run the benchmarks for ``device`` (all, or ``only`` those), rewrite the README; non-zero if any failed."""
+    """Run the benchmarks for ``device`` (all, or ``only`` those), rewrite their page; non-zero if any failed."""
     benchmarks = GPU_BENCHMARKS if device == "cuda" else CPU_BENCHMARKS
     unknown = set(only or []) - set(benchmarks)
     if unknown:
@@ -141,8 +142,8 @@ def main(only: list[str] | None, device: str) -> int:
         ]
     )
     marker = "gpu-benchmarks" if device == "cuda" else "benchmarks"
-    README.write_text(replace_between(README.read_text(), marker, body))
-    print(f"== all done in {minutes:.1f} min; README.md rewritten between the {marker} markers")
+    PAGE.write_text(replace_between(PAGE.read_text(), marker, body))
+    print(f"== all done in {minutes:.1f} min; docs/benchmarks.md rewritten between the {marker} markers")
     return 1 if any(failures.values()) else 0
 
 

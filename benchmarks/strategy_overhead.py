@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.loss import loss_terms
 from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenBatch, TokenIS, TruncatedIS, UniformSFT
+from pear_lightning.training.loss import loss_terms
 
 from .common import spread, with_range, write_results
 

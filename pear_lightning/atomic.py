@@ -2,7 +2,9 @@
 disk, then renamed.
 
 A process killed at any moment (or a machine that loses power) leaves either the previous file or the
-new one, never a torn mix: ``os.replace`` within one folder is atomic on POSIX and Windows.
+new one, never a torn mix: ``os.replace`` within one folder is atomic on POSIX and Windows. Every command checks its
+outputs before it starts (``check_writable``, ``check_new_path``), so a place that cannot be written is refused
+before any work is done.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import ctypes
 import glob
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pear_lightning.errors import PearError
 
 
 def fsync(path: Path) -> None:
@@ -133,3 +138,37 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return result == 0
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """Refuse a folder that could not be made or written: a file in its way, or a location that refuses writes (a
+    read-only file system, permissions). A probe file is created and removed in its nearest existing folder.
+
+    Raises:
+        PearError: naming the setting, the folder and the reason.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PearError(
+            f"{setting}={folder}: {existing} is a file, so no folder can be made there; choose another place"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".pear-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise PearError(
+            f"{setting}={folder}: cannot write in {existing} ({err.strerror}); choose another place"
+        ) from err
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PearError(f"{setting}={folder}: {existing} is not writable (permissions); choose another place")
+
+
+def check_new_path(path: Path, setting: str, writes: str) -> None:
+    """Refuse an output ``path`` a command creates new (it ``writes``, e.g. "export writes a new folder") where
+    something already is, or whose place cannot be written."""
+    if path.exists():
+        raise PearError(f"{setting} {path}: exists already; {writes}, choose another name")
+    check_writable(path.parent, setting)

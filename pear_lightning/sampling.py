@@ -1,101 +1,154 @@
-"""A training DataLoader that resumes where it stopped (seeded per-epoch order, its position checkpointed), and how
-many worker processes every loader gets.
+"""The distribution a sampler really draws from: the logits scaled by a temperature and cut by top-k, top-p and min-p,
+as ``transformers`` and vLLM apply them, renormalised over the tokens they keep.
 
-Lightning saves the ``state_dict`` of a DataLoader that has one in every checkpoint and hands it
-back on resume. Ours is the number of batches already trained in the current epoch, and the epoch; on
-resume the first iterator skips that many batches if it is still that epoch's (collating them, without
-touching the model), and the shuffled order of an epoch depends only on the seed and the epoch, so the
-rest of the epoch is exactly what an uninterrupted run would have seen.
+PEAR's π_β is the distribution that sampled the data. Data drawn at temperature 0.7 with top-p 0.9 was drawn from
+q(y) = softmax(z / T) restricted to the kept set and renormalised, so log q(y) is what an importance ratio must
+divide by; the raw log-softmax at temperature 1 is that only when nothing is processed. Pure torch.
+
+The two engines apply the same four steps in different orders:
+
+- ``transformers`` (``GenerationMixin._get_logits_processor``): temperature, top-k, top-p, min-p;
+- ``vllm`` (its V1 sampler): temperature, min-p, top-k, top-p.
+
+Each step is implemented as both engines implement it: top-k keeps every token whose logit reaches the k-th
+largest (ties included); top-p sorts ascending and drops the tokens whose cumulative probability is at most
+1 − top_p, always keeping the most likely one; min-p drops the tokens whose probability is below min_p times the
+largest. The orders give the same kept set unless both min-p and top-p are set (min-p first renormalises the mass
+that top-p counts).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.warnings import PossibleUserWarning
-from torch.utils.data import DataLoader, RandomSampler
+from torch import Tensor
 
-GPU_WORKERS = 2  # see loader_workers
+from pear_lightning.errors import PearError
 
-
-def loader_workers(num_workers: int | None, trainer: Any | None) -> dict[str, Any]:
-    """DataLoader arguments for ``data.num_workers`` under ``trainer`` (none: a CPU); workers, when there are any,
-    live across epochs.
-
-    None (the default) is measured (``python -m benchmarks.dataloader_workers``): on a CPU no workers, as they
-    compete with the training step for its cores and gained nothing; on a GPU two, which take over fetching and
-    collating (about 1% of a step at 8 × 1,024 tokens) while the GPU computes. Lightning's advice to add workers
-    up to the core count is then silenced: that measurement says more cannot pay.
-    """
-    if num_workers is None:
-        warnings.filterwarnings("ignore", message=".*does not have many workers", category=PossibleUserWarning)
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        num_workers = GPU_WORKERS if on_gpu else 0
-    return {"num_workers": num_workers, "persistent_workers": num_workers > 0}
+ORDERS = {
+    "transformers": ("temperature", "top_k", "top_p", "min_p"),
+    "vllm": ("temperature", "min_p", "top_k", "top_p"),
+}
 
 
-class EpochRandomSampler(RandomSampler):
-    """A random permutation per epoch that depends only on ``seed`` and the epoch (Lightning sets it)."""
-
-    def __init__(self, data_source: Any, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` from now on."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        # Reseeded on every pass: Lightning may start an iterator more than once in an epoch (e.g. on resume).
-        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # an unseeded torch's seed is 64-bit
-        return super().__iter__()
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose checkpointed state is how many batches of the epoch have been trained.
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a sampler processed the logits before drawing each token.
 
     Args:
-        *args: DataLoader's.
-        trained_batches: returns the number of batches trained so far in the current epoch.
-        **kwargs: DataLoader's.
+        temperature: the logits are divided by it (> 0; greedy decoding has no distribution to divide by).
+        top_k: keep the ``top_k`` most likely tokens (ties at the k-th included); 0 (or vLLM's -1) keeps all.
+        top_p: keep the most likely tokens whose probabilities add up to ``top_p`` (nucleus sampling); 1 keeps all.
+        min_p: keep the tokens at least ``min_p`` times as likely as the most likely one; 0 keeps all.
+        order: the engine whose order of steps was used: ``transformers`` (temperature, top-k, top-p, min-p) or
+            ``vllm`` (temperature, min-p, top-k, top-p); they differ only when ``min_p`` and ``top_p`` are both set.
     """
 
-    def __init__(self, *args: Any, trained_batches: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.trained_batches = trained_batches
-        self._skip = 0
-        self._epoch: int | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    order: Literal["transformers", "vllm"] = "transformers"
 
-    def state_dict(self) -> dict[str, int]:
-        """The position in the epoch, and the epoch (when the sampler has one), for the checkpoint."""
-        state = {"trained_batches": self.trained_batches()}
-        if isinstance(getattr(self.sampler, "epoch", None), int):
-            state["epoch"] = self.sampler.epoch
-        return state
+    def __post_init__(self) -> None:
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)  # vLLM's spelling of "off"
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at the checkpointed position on the next iteration."""
-        self._skip, self._epoch = state["trained_batches"], state.get("epoch")
+    def check(self, setting: str) -> SamplingSettings:
+        """Return the settings if they describe a distribution.
 
-    def __iter__(self) -> Iterator[Any]:
-        iterator = super().__iter__()
-        skip, epoch, self._skip, self._epoch = self._skip, self._epoch, 0, None
-        if epoch is None or not skip:  # a sampler without epochs has the same order in every epoch
-            for _ in range(skip):
-                if next(iterator, None) is None:
-                    break
-            return iterator
-        return self._resume(iterator, skip, epoch)
+        Raises:
+            PearError: naming ``setting`` and every value out of range.
+        """
+        problems = []
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0 (greedy data has no π_β to divide by), got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 or -1: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.order not in ORDERS:
+            problems.append(f"order must be one of {sorted(ORDERS)}, got {self.order!r}")
+        if problems:
+            raise PearError(f"{setting}: {'; '.join(problems)}")
+        return self
 
-    def _resume(self, iterator: Iterator[Any], skip: int, epoch: int) -> Iterator[Any]:
-        # Runs at the first batch: Lightning makes the resumed run's first iterator before it sets the sampler's
-        # epoch, and may start the next epoch with it (a checkpoint taken after an epoch's last batch).
-        if self.sampler.epoch == epoch:
-            for _ in range(skip):
-                if next(iterator, None) is None:
-                    return
-        yield from iterator
+    @property
+    def raw(self) -> bool:
+        """Whether nothing is processed: the distribution is the model's own log-softmax."""
+        return self.temperature == 1 and self.top_k == 0 and self.top_p == 1 and self.min_p == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a manifest records them."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """The settings in words, for messages."""
+        if self.raw:
+            return "temperature 1, no top-k/top-p/min-p (the raw distribution)"
+        parts = [f"temperature {self.temperature:g}"]
+        parts += [f"top_k {self.top_k}"] if self.top_k else []
+        parts += [f"top_p {self.top_p:g}"] if self.top_p < 1 else []
+        parts += [f"min_p {self.min_p:g}"] if self.min_p > 0 else []
+        if self.min_p > 0 and self.top_p < 1:
+            parts.append(f"{self.order} order")
+        return ", ".join(parts)
+
+
+def process_logits(logits: Tensor, settings: SamplingSettings) -> Tensor:
+    """The sampler's processed logits: ``logits / temperature``, with -inf outside the kept set.
+
+    Args:
+        logits: [N, V] float32 logits, one row per position.
+        settings: the sampler's settings.
+
+    Returns:
+        [N, V] float32; a softmax over it is the distribution the sampler drew from.
+    """
+    x = logits / settings.temperature if settings.temperature != 1 else logits
+    for step in ORDERS[settings.order][1:]:
+        x = _STEPS[step](x, getattr(settings, step))
+    return x
+
+
+def processed_logprobs(logits: Tensor, targets: Tensor, settings: SamplingSettings | None) -> Tensor:
+    """log q(target) of each row under the sampler's distribution; -inf for a target outside the kept set.
+
+    Args:
+        logits: [N, V] logits (any float dtype; computed in float32).
+        targets: [N] token ids.
+        settings: the sampler's settings; None (or raw settings) gives the plain log-softmax.
+    """
+    x = logits.float()
+    if settings is not None and not settings.raw:
+        x = process_logits(x, settings)
+    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+
+
+def _top_k(x: Tensor, k: int) -> Tensor:
+    if not 0 < k < x.shape[-1]:
+        return x
+    return x.masked_fill(x < torch.topk(x, k).values[..., -1:], float("-inf"))
+
+
+def _top_p(x: Tensor, p: float) -> Tensor:
+    if p >= 1:
+        return x
+    ascending, order = torch.sort(x, descending=False)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[..., -1] = False  # the most likely token always stays
+    return x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def _min_p(x: Tensor, p: float) -> Tensor:
+    if p <= 0:
+        return x
+    probs = x.softmax(dim=-1)
+    return x.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+_STEPS = {"top_k": _top_k, "top_p": _top_p, "min_p": _min_p}

@@ -106,7 +106,7 @@ def run_dir(tmp_path, monkeypatch):
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the command line in this process; return its exit status, stdout and stderr."""
-    from pear_lightning.cli import main
+    from pear_lightning.cli.commands import main
 
     try:
         main(args)
@@ -119,7 +119,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 def in_process(args: list[str]) -> None:
     """Run the command line in this process with pytest's own arguments out of its way (for module fixtures)."""
-    from pear_lightning.cli import main
+    from pear_lightning.cli.commands import main
 
     argv, sys.argv = sys.argv, ["pear_lightning"]
     try:

@@ -17,11 +17,12 @@ from conftest import DEMO, GOOD, assert_refused, demo_rows, fit_args, run_cli, w
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pear_lightning import PearDataModule, PearModule, plugins
-from pear_lightning.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
-from pear_lightning.cli import main
+from pear_lightning import PearDataModule, PearModule
+from pear_lightning.cli import plugins
+from pear_lightning.cli.commands import main
+from pear_lightning.cli.lightning import DEBUG_ENV
+from pear_lightning.data.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
 from pear_lightning.errors import PearError
-from pear_lightning.lightning_cli import DEBUG_ENV
 
 
 @pytest.mark.parametrize(

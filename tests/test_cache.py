@@ -12,8 +12,8 @@ from conftest import BEHAVIOR, DEMO, REPO, STUDENT, assert_refused, run_cli, wri
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.cache import PROGRESS, write_shard
-from pear_lightning.cli import main
+from pear_lightning.cli.commands import main
+from pear_lightning.data.cache import PROGRESS, write_shard
 
 REDO = "re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {}`"
 

@@ -8,7 +8,7 @@ import yaml
 from conftest import demo_rows, run_cli, write_jsonl
 
 from pear_lightning import PearModule
-from pear_lightning.cli import main
+from pear_lightning.cli.commands import main
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pear_lightning.cli import main
+from pear_lightning.cli.commands import main
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -119,7 +119,7 @@ def test_unsaturated_weights_and_a_threshold_of_one_stay_silent(shift, ratio_cli
 
 def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_dir):
     """transformers 5 deprecates ``gradient_checkpointing_enable``; the model is checkpointed without that warning."""
-    from pear_lightning.model import load_model
+    from pear_lightning.model.load import load_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,8 +130,8 @@ def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_di
 
 def test_the_summary_counts_parameters_and_the_lora_share(tmp_path, tiny_model_dir, caplog):
     """One line: every parameter of the model, the trainable ones, and with LoRA the adapters' share."""
-    from pear_lightning.console import ParameterSummary
-    from pear_lightning.lora import LoraSettings
+    from pear_lightning.model.lora import LoraSettings
+    from pear_lightning.training.console import ParameterSummary
 
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows(4))
     data = PearDataModule(str(train), tokenizer_name_or_path=str(tiny_model_dir), batch_size=2, max_length=96)

@@ -11,8 +11,8 @@ import yaml
 from conftest import BEHAVIOR, DEMO, REPO
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.cli import main
-from pear_lightning.commands.cache_logprobs import prediction_rows
+from pear_lightning.behavior.score import prediction_rows
+from pear_lightning.cli.commands import main
 from pear_lightning.demo.task import Problem, extract_answer, reference_solution, sample_problem
 
 

@@ -6,14 +6,15 @@ import torch
 from conftest import BEHAVIOR, demo_rows
 
 from pear_lightning import PearModule
-from pear_lightning.collate import collate as collate_rows
-from pear_lightning.distill import TEACHER_COLUMNS, TeacherTopK, bucket_kl, score
+from pear_lightning.data.cache import TEACHER_COLUMNS
+from pear_lightning.data.collate import collate as collate_rows
+from pear_lightning.data.render import tokenize_example
 from pear_lightning.errors import PearError
-from pear_lightning.loss import loss_terms
-from pear_lightning.render import tokenize_example
+from pear_lightning.model.topk import teacher_topk, topk_logprobs
 from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenIS, TruncatedIS, UniformSFT
 from pear_lightning.strategies.base import TokenBatch, WeightingStrategy
-from pear_lightning.topk import teacher_topk, topk_logprobs
+from pear_lightning.training.distill import TeacherTopK, bucket_kl, score
+from pear_lightning.training.loss import loss_terms
 
 
 def tokenized(tokenizer, rows):

@@ -15,7 +15,7 @@ from test_cache import cache_args as behaviour_cache_args
 from test_cache import fit_args as token_is_fit_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pear_lightning.cache import PROGRESS
+from pear_lightning.data.cache import PROGRESS
 
 K = 8
 workdir = test_cache.workdir  # the fixture: the same 120 + 30 demo rows

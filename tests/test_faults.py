@@ -22,10 +22,10 @@ from conftest import DEMO, write_jsonl
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from pear_lightning.atomic import atomic_write
-from pear_lightning.checkpoint_io import AtomicCheckpointIO
-from pear_lightning.cli import main
+from pear_lightning.cli.commands import main
+from pear_lightning.cli.lightning import PearArgumentParser, PearCLI, tool_cli
 from pear_lightning.errors import PearError
-from pear_lightning.lightning_cli import PearArgumentParser, PearCLI, tool_cli
+from pear_lightning.model.checkpoint_io import AtomicCheckpointIO
 
 HERE = Path(__file__).resolve().parent
 KILLED = -signal.SIGKILL

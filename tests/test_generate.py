@@ -10,11 +10,11 @@ import pytest
 from conftest import BEHAVIOR, REPO, STUDENT, demo_rows, in_process, run_cli, write_jsonl
 
 from pear_lightning import PearDataModule
-from pear_lightning.cache import PROGRESS
+from pear_lightning.data.cache import PROGRESS
+from pear_lightning.data.sources import load_examples
 from pear_lightning.demo.task import check_answer
 from pear_lightning.errors import PearError
-from pear_lightning.processing import SamplingSettings
-from pear_lightning.sources import load_examples
+from pear_lightning.sampling import SamplingSettings
 
 SETTINGS = {"t1": [], "t0.7-p0.9": ["--sampling.temperature", "0.7", "--sampling.top_p", "0.9"]}
 

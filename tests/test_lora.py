@@ -9,9 +9,9 @@ from conftest import REPO, adamw, demo_rows, fit_quietly, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.cli import main
+from pear_lightning.cli.commands import main
 from pear_lightning.errors import PearError
-from pear_lightning.lora import LoraSettings
+from pear_lightning.model.lora import LoraSettings
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 

@@ -5,8 +5,8 @@ import torch
 from conftest import conversation
 
 from pear_lightning import PearModule
-from pear_lightning.collate import collate as collate_rows
-from pear_lightning.render import tokenize_example
+from pear_lightning.data.collate import collate as collate_rows
+from pear_lightning.data.render import tokenize_example
 from pear_lightning.strategies import TokenBatch, UniformSFT
 
 EXAMPLES = [
@@ -102,7 +102,7 @@ def test_the_weights_normaliser_divides_by_the_sum_of_weights(tiny_model_dir, to
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 512, "auto"])
 def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_dir, tokenizer, chunk_size):
-    from pear_lightning.logprobs import separable_head, target_logprobs
+    from pear_lightning.model.logprobs import separable_head, target_logprobs
 
     module = PearModule(str(tiny_model_dir))
     module.configure_model()
@@ -128,7 +128,7 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_di
 
 
 def test_target_log_softmax_gradient_is_exact():
-    from pear_lightning.logprobs import TargetLogSoftmax
+    from pear_lightning.model.logprobs import TargetLogSoftmax
 
     logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 3, 10, 3, 5, 7])
@@ -153,7 +153,7 @@ def test_target_log_softmax_gradient_is_exact():
 def test_auto_chunk_size_keeps_the_logits_when_they_fit_the_budget_else_takes_the_largest_chunk(
     tokens, vocab, itemsize, budget, expected
 ):
-    from pear_lightning.logprobs import plan_chunks
+    from pear_lightning.model.logprobs import plan_chunks
 
     assert plan_chunks(tokens, vocab, itemsize, budget) == expected
 
@@ -161,7 +161,7 @@ def test_auto_chunk_size_keeps_the_logits_when_they_fit_the_budget_else_takes_th
 def test_auto_chunk_size_under_a_small_budget_chunks_and_still_equals_the_full_path(
     tiny_model_dir, tokenizer, monkeypatch
 ):
-    from pear_lightning import logprobs
+    from pear_lightning.model import logprobs
 
     module = PearModule(str(tiny_model_dir))
     module.configure_model()
@@ -180,7 +180,7 @@ def test_auto_chunk_size_under_a_small_budget_chunks_and_still_equals_the_full_p
 
 
 def test_models_with_transformed_logits_take_the_plain_path(tiny_model_dir):
-    from pear_lightning.logprobs import separable_head
+    from pear_lightning.model.logprobs import separable_head
 
     module = PearModule(str(tiny_model_dir))
     module.configure_model()

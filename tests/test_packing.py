@@ -8,14 +8,14 @@ from conftest import DEMO, fit_quietly, save_tiny_llama, write_jsonl
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
 from pear_lightning import PearDataModule, PearModule
-from pear_lightning.collate import collate, pack
+from pear_lightning.data.collate import collate, pack
 from pear_lightning.strategies import BlockIS, SequenceIS, TokenIS, UniformSFT
 
 
 def mixed_examples(tokenizer, count: int, seed: int = 0) -> list[dict]:
     """Chats of one to four demo turns (so their lengths differ up to fourfold), with the response ``token_ids`` the
     trainer will see and made-up behaviour ``logprobs`` for them."""
-    from pear_lightning.render import tokenize_example
+    from pear_lightning.data.render import tokenize_example
 
     demo = [json.loads(line)["messages"] for line in open(DEMO / "data" / "train.jsonl")][: 4 * count]
     generator = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def mixed_examples(tokenizer, count: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def mixed_rows(tokenizer):
     """Twelve examples of mixed length, tokenised, with their behaviour log-probs as the join leaves them."""
-    from pear_lightning.render import tokenize_example
+    from pear_lightning.data.render import tokenize_example
 
     rows = []
     for example in mixed_examples(tokenizer, 12):
@@ -198,7 +198,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_si
 
 def test_the_varlen_kernel_path_lays_out_sequences_as_the_kernel_expects(model_dir, mixed_rows, monkeypatch):
     """pear_varlen's call into torch's kernel, with the kernel (CUDA only) replaced by per-sequence SDPA."""
-    from pear_lightning import attention
+    from pear_lightning.model import attention
 
     calls = []
     monkeypatch.setattr(attention, "kernel_serves", lambda *args: True)

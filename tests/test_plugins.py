@@ -4,7 +4,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from pear_lightning import plugins
+from pear_lightning.cli import plugins
 from pear_lightning.errors import PearError
 from pear_lightning.strategies import TokenIS, UniformSFT
 
@@ -47,7 +47,7 @@ def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, m
 
     from conftest import REPO
 
-    from pear_lightning.cli import main
+    from pear_lightning.cli.commands import main
 
     target = tmp_path / "site"
     subprocess.run(

@@ -9,7 +9,7 @@ from conftest import BEHAVIOR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning.errors import PearError
-from pear_lightning.processing import SamplingSettings, process_logits, processed_logprobs
+from pear_lightning.sampling import SamplingSettings, process_logits, processed_logprobs
 
 SETTINGS = [
     SamplingSettings(temperature=0.7),

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_lightning.collate import collate
+from pear_lightning.data.collate import collate
 from pear_lightning.strategies import (
     DFT,
     BlockIS,

@@ -13,9 +13,9 @@ import torch
 from conftest import DEMO, GOOD, assert_refused, demo_rows, fit_args, run_cli, write_jsonl
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
+from pear_lightning.data.render import tokenize_example
 from pear_lightning.errors import PearError
-from pear_lightning.render import tokenize_example
-from pear_lightning.step import check_strategy
+from pear_lightning.training.step import check_strategy
 
 REDO = (
     "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, chat "
@@ -211,7 +211,7 @@ def test_a_setting_that_would_fail_later_is_refused_before_the_first_step(
 
 def test_a_schedule_without_a_length_lasts_the_run(run_dir, tiny_model_dir, capsys):
     path = write_jsonl(run_dir / "train.jsonl", GOOD)
-    schedule = ["--lr_scheduler", "pear_lightning.schedule.OneCycleLR"]
+    schedule = ["--lr_scheduler", "pear_lightning.OneCycleLR"]
     code, _, err = run_cli(fit_args(run_dir, tiny_model_dir, path, "--trainer.max_steps", "3", *schedule), capsys)
     assert code == 0, err
 
@@ -240,7 +240,7 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_first_step(r
 def test_a_checkpoint_write_that_fails_says_which_file_and_that_the_last_one_is_intact(
     run_dir, tiny_model_dir, capsys, monkeypatch
 ):
-    import pear_lightning.checkpoint_io as checkpoint_io
+    import pear_lightning.model.checkpoint_io as checkpoint_io
 
     def disk_full(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

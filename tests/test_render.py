@@ -4,8 +4,8 @@ import pytest
 from conftest import conversation, demo_rows
 from transformers import AutoTokenizer
 
+from pear_lightning.data.render import example_id, tokenize_example
 from pear_lightning.errors import PearError
-from pear_lightning.render import example_id, tokenize_example
 
 
 def trained_text(tokens, tokenizer) -> str:

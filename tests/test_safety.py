@@ -15,10 +15,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning import PearDataModule
-from pear_lightning.checkpoint_io import AtomicCheckpointIO
-from pear_lightning.cli import main
-from pear_lightning.commands.cache_logprobs import describe_inputs
-from pear_lightning.lightning_cli import PearCLI, tool_cli
+from pear_lightning.behavior.score import describe_inputs
+from pear_lightning.cli.commands import main
+from pear_lightning.cli.lightning import PearCLI, tool_cli
+from pear_lightning.model.checkpoint_io import AtomicCheckpointIO
 
 
 class Payload:

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
-from pear_lightning.checkpoint_io import use_atomic_checkpoints
+from pear_lightning.model.checkpoint_io import use_atomic_checkpoints
 
 HERE = Path(__file__).parent
 

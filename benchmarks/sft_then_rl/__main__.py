@@ -11,11 +11,11 @@ a stronger SFT checkpoint ending weaker after the same RL), and every arm (Unifo
 with both loss normalisers) at one length over ``--seeds``. A chain fine-tunes the student with
 ``pear_lightning fit``, exports it, samples the held-out problems (pass@1/8/16), runs GRPO through TRL with a
 verifiable reward, and samples them again. The report: ``benchmarks/results/sft_then_rl.{json,md,png}`` and the
-README block between ``<!-- sft-then-rl:start -->`` and ``<!-- sft-then-rl:end -->``.
+block of docs/evidence.md between ``<!-- sft-then-rl:start -->`` and ``<!-- sft-then-rl:end -->``.
 
 **Scratch regime**: the demo's student from random weights on the demo's data, five arms; its report is
-``sft_then_rl_scratch.*`` and the ``sft-then-rl-scratch`` README block. ``--quick`` writes its report into the work
-folder only. Checkpoints and logs stay in ``--work`` (git-ignored).
+``sft_then_rl_scratch.*`` and the ``sft-then-rl-scratch`` block of docs/evidence.md. ``--quick`` writes its report
+into the work folder only. Checkpoints and logs stay in ``--work`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .report import BASELINE, plot, ranking_agreement, summarize, table
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "evidence.md"  # the page whose marker blocks are rewritten
 SCRATCH_ARMS = ("UniformSFT", "SequenceIS", "TokenIS", "BlockIS", "DFT")
 # The pretrained regime's arms: (strategy, model.loss_normalizer); UniformSFT's weights are all 1, so one row.
 PRETRAINED_ARMS = (
@@ -138,13 +138,14 @@ def run_chains(chains: list[dict], options: dict, work: Path, jobs: int) -> tupl
 
 
 def rewrite_readme(marker: str, markdown: str, image: str) -> None:
-    """Put ``markdown`` and the plot between the README's ``marker`` comments, if it has them."""
-    text = README.read_text()
+    """Put ``markdown`` and the plot between the ``marker`` comments of docs/evidence.md, if it has them."""
+    text = PAGE.read_text()
     if f"<!-- {marker}:start -->" in text:
-        README.write_text(replace_between(text, marker, f"{markdown}\n\n![{marker}](benchmarks/results/{image})"))
-        print(f"sft_then_rl: README.md rewritten between the {marker} markers")
+        block = f"{markdown}\n\n![{marker}](../benchmarks/results/{image})"  # the image link is relative to docs/
+        PAGE.write_text(replace_between(text, marker, block, page="docs/evidence.md"))
+        print(f"sft_then_rl: docs/evidence.md rewritten between the {marker} markers")
     else:
-        print(f"sft_then_rl: README.md has no <!-- {marker}:start --> block; left as it is")
+        print(f"sft_then_rl: docs/evidence.md has no <!-- {marker}:start --> block; left as it is")
 
 
 def verdicts(summary: dict) -> list[str]:
@@ -228,7 +229,7 @@ def write_report(
 
 
 def main_pretrained(args: argparse.Namespace, options: dict) -> int:
-    """The pretrained regime: draw π_β's data, run the sweep and the arms, write the report and the README block."""
+    """The pretrained regime: draw π_β's data, run the sweep and the arms, write the report and the docs block."""
     work = Path(args.work)
     data = work / "data"
     started = time.perf_counter()
@@ -300,7 +301,7 @@ def main_pretrained(args: argparse.Namespace, options: dict) -> int:
 
 
 def main_scratch(args: argparse.Namespace, options: dict) -> int:
-    """The from-scratch regime: five arms × seeds from the demo's random student; the report and its README block."""
+    """The from-scratch regime: five arms × seeds from the demo's random student; the report and its docs block."""
     work = Path(args.work)
     started = time.perf_counter()
     chains = [

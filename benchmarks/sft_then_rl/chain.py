@@ -3,9 +3,9 @@
     python -m benchmarks.sft_then_rl.chain --regime pretrained --data runs/sft_then_rl/data \\
         --arm TokenIS --normalizer weights --sft-steps 200 --seed 0 --work runs/sft_then_rl/TokenIS-weights-200-0
 
-SFT and export go through the product's own command line (``pear_lightning.cli.main``, in-process, so
-the imports are paid once); GRPO through TRL. ``--sft-steps 0`` starts RL from the student itself; ``--arm behavior``
-only evaluates π_β. The result is ``<work>/result.json``.
+SFT goes through the product's own command line (``pear_lightning.cli.main``, in-process, so the imports are paid
+once), export through its function (``training.export.export``); GRPO through TRL. ``--sft-steps 0`` starts RL
+from the student itself; ``--arm behavior`` only evaluates π_β. The result is ``<work>/result.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from .metrics import pass_rates, sample_correct_counts
 from .regime import ASSETS, MAX_STEPS, MIN_STEPS
@@ -104,7 +105,10 @@ def read_curve(metrics_csv: Path) -> dict[str, list[float]]:
 def run_sft(args: argparse.Namespace, where: Regime, work: Path) -> tuple[Path, float, dict]:
     """Fine-tune the student with the arm's weighting and export it; the model folder, the greedy val accuracy (NaN
     where the config has no accuracy callback) and the SFT run's per-step diagnostics."""
+    from pear_lightning import PearModule
     from pear_lightning.cli import main as pear
+    from pear_lightning.data.render import load_tokenizer
+    from pear_lightning.training.export import export
 
     common = ["--config", str(where.config), "--model.weighting", args.arm, "--seed_everything", str(args.seed)]
     common += ["--data.train_path", str(where.train), "--model.loss_normalizer", args.normalizer]
@@ -119,7 +123,8 @@ def run_sft(args: argparse.Namespace, where: Regime, work: Path) -> tuple[Path, 
     )
     run = work / "sft" / "run"
     checkpoint = max((run / "checkpoints").glob("*.ckpt"), key=os.path.getmtime)
-    pear(["export", *common, "--checkpoint", str(checkpoint), "--output", str(work / "sft_model")])
+    student = yaml.safe_load(where.config.read_text())["model"]["model_name_or_path"]
+    export(PearModule(student), str(checkpoint), work / "sft_model", load_tokenizer(student))
     checkpoint.unlink()  # the exported folder is all that later stages need
     with open(run / "metrics.csv") as f:
         accuracies = [float(row["val/accuracy"]) for row in csv.DictReader(f) if row.get("val/accuracy")]

@@ -24,10 +24,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pear_lightning import cli
+from pear_lightning.behavior.generate import generate
+from pear_lightning.data.render import tokenize_example
+from pear_lightning.data.sources import load_examples
 from pear_lightning.demo.task import Problem, reference_solution, sample_problem
-from pear_lightning.render import tokenize_example
-from pear_lightning.sources import load_examples
 
 HERE = Path(__file__).parent
 CHATML = (
@@ -147,20 +147,15 @@ def sample_split(
             prompts,
             [{"id": f"{prefix}-{i:05d}", "messages": chat(p), "answer": str(p.answer)} for i, p in enumerate(problems)],
         )
-        cli.main(
-            [
-                "generate",
-                *("--model.model_name_or_path", str(behavior), "--trainer.accelerator", "cpu"),
-                *(
-                    "--prompts",
-                    str(prompts),
-                    "--output",
-                    str(Path(work) / "out"),
-                    "--max_new_tokens",
-                    str(max_new_tokens),
-                ),
-                *("--verifier", "pear_lightning.demo.task.check_answer", "--batch_size", "256", "--seed", str(seed)),
-            ]
+        generate(
+            str(prompts),
+            Path(work) / "out",
+            str(behavior),
+            max_new_tokens=max_new_tokens,
+            verifier="pear_lightning.demo.task.check_answer",
+            batch_size=256,
+            seed=seed,
+            accelerator="cpu",
         )
         kept = load_examples(str(Path(work) / "out")).to_list()
     return kept, len(problems) - len(kept)

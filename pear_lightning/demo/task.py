@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..evaluate import ANSWER_PATTERN
+from pear_lightning.training.evaluate import ANSWER_PATTERN
 
 OPENERS = ("", "First, ", "Start with ")
 CONNECTORS = (" Then ", " Next, ", " ")
