@@ -16,17 +16,19 @@ Writes ``benchmarks/results/cache_join.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
+import pyarrow.parquet as pq
 import torch
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.behavior.score import prediction_rows
-from pear_lightning.data.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
+from pear_lightning.data.cache import data_fingerprint, shard_table, tokenizer_fingerprint
 
 from .common import spread, synthetic_examples, with_range, write_jsonl, write_results
 from .memory import PeakMemory
@@ -46,16 +48,14 @@ def write_cache(cache: Path, data: PearDataModule, tokenized, path: Path) -> Non
             response = [t for t, m in zip(ids, mask) if m]
             logprobs = (-torch.rand(len(response), generator=generator)).tolist()
             rows.append({"id": ex_id, "token_ids": response, "logprobs": logprobs})
-        write_shard(cache / f"train-{k:05d}.parquet", rows)
+        pq.write_table(shard_table(rows), cache / f"train-{k:05d}.parquet")
         shards.append({"file": f"train-{k:05d}.parquet", "rows": len(rows)})
-    write_json(
-        cache / "manifest.json",
-        {
-            "tokenizer_fingerprint": tokenizer_fingerprint(data.load_tokenizer()),
-            "splits": {"train": {"data_path": str(path), "data_fingerprint": data_fingerprint(str(path))}},
-            "shards": {"train": shards},
-        },
-    )
+    manifest = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(data.load_tokenizer()),
+        "splits": {"train": {"data_path": str(path), "data_fingerprint": data_fingerprint(str(path))}},
+        "shards": {"train": shards},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
 
 
 def bench_join(workdir: Path, examples: int, tokens: int) -> dict:

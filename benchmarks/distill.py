@@ -32,9 +32,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 
+from pear_lightning import PearDataModule
+from pear_lightning.behavior.score import cache_logprobs
 from pear_lightning.strategies import TokenIS, UniformSFT
 
 from .common import paired_difference, spread, with_range, write_results
@@ -55,14 +59,18 @@ STEP_ARMS = {
 }
 
 
-def make_cache(output: Path, *extra: str) -> dict:
-    """Run cache_logprobs on the demo's training split (unless ``output`` holds it already, from an earlier run with
-    ``--work``); its seconds, Parquet bytes and response tokens."""
+def make_cache(output: Path, **teacher: Any) -> dict:
+    """Run cache_logprobs on the demo's training split, with the ``teacher`` arguments (unless ``output`` holds it
+    already, from an earlier run with ``--work``); its seconds, Parquet bytes and response tokens."""
     if (output / "bench.json").exists():
         return json.loads((output / "bench.json").read_text())
     start = time.perf_counter()
-    args = ["cache_logprobs", "--config", "demo", "--model.model_name_or_path", str(DEMO / "assets" / "behavior")]
-    subprocess.run([sys.executable, "-m", "pear_lightning", *args, "--output", str(output), *extra], check=True)
+    splits = {f"{split}_path": str(DEMO / "data" / f"{split}.jsonl") for split in ("train", "val")}
+    data = PearDataModule(
+        **splits, tokenizer_name_or_path=str(DEMO / "assets" / "student"), batch_size=32, max_length=128
+    )
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    cache_logprobs(data, output, str(DEMO / "assets" / "behavior"), trainer, **teacher)
     tokens = json.loads((output / "manifest.json").read_text())["tokens"]["train"]
     size = sum(f.stat().st_size for f in output.glob("*.parquet"))
     stats = {"seconds": time.perf_counter() - start, "bytes": size, "tokens": tokens, "bytes_per_token": size / tokens}
@@ -103,10 +111,8 @@ def main(seeds: list[int], steps: int, repeats: int, top_k: int, uniform_kl: boo
     root = Path(work) if work else Path(tempfile.mkdtemp(prefix="pear-distill-"))
     caches = {
         "behaviour log-probs only": make_cache(root / "plain"),
-        f"+ teacher top-{top_k}, fp32": make_cache(root / "fp32", "--teacher_top_k", str(top_k)),
-        f"+ teacher top-{top_k}, fp16": make_cache(
-            root / "fp16", "--teacher_top_k", str(top_k), "--teacher_dtype", "float16"
-        ),
+        f"+ teacher top-{top_k}, fp32": make_cache(root / "fp32", teacher_top_k=top_k),
+        f"+ teacher top-{top_k}, fp16": make_cache(root / "fp16", teacher_top_k=top_k, teacher_dtype="float16"),
     }
     arms = {name: extra for name, extra in ARMS.items() if uniform_kl or name != "UniformSFT, kl"}
     runs = [(name, seed) for seed in seeds for name in arms]

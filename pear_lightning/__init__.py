@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_PUBLIC = {  # short name -> the module that defines it (kinder to type in configs: pear_lightning.OneCycleLR)
+PUBLIC = {  # short name -> the module that defines it (kinder to type in configs: pear_lightning.OneCycleLR)
     "PearDataModule": "pear_lightning.data.datamodule",
     "PearModule": "pear_lightning.training.module",
     "PearError": "pear_lightning.errors",
@@ -22,11 +22,11 @@ _PUBLIC = {  # short name -> the module that defines it (kinder to type in confi
     "OneCycleLR": "pear_lightning.training.schedule",
     "AnswerAccuracy": "pear_lightning.training.evaluate",
 }
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = [*PUBLIC, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     """Import a public name's module on first use."""
-    if name not in _PUBLIC:
+    if name not in PUBLIC:
         raise AttributeError(f"module 'pear_lightning' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+    return getattr(importlib.import_module(PUBLIC[name]), name)

@@ -11,6 +11,7 @@ import shutil
 from importlib.metadata import EntryPoint
 
 import lightning as L
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import DEMO, GOOD, assert_refused, demo_rows, fit_args, run_cli, write_jsonl
@@ -21,7 +22,7 @@ from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cli import plugins
 from pear_lightning.cli.commands import main
 from pear_lightning.cli.lightning import DEBUG_ENV
-from pear_lightning.data.cache import data_fingerprint, tokenizer_fingerprint, write_json, write_shard
+from pear_lightning.data.cache import data_fingerprint, shard_table, tokenizer_fingerprint
 from pear_lightning.errors import PearError
 
 
@@ -125,13 +126,13 @@ def test_a_cache_that_lists_an_id_twice_is_refused(run_dir, tiny_model_dir, toke
     cache = run_dir / "cache"
     cache.mkdir()
     scored = [{k: r[k] for k in ("id", "token_ids", "logprobs")} for r in rows]
-    write_shard(cache / "train-00000.parquet", [*scored, scored[0]])  # e.g. two caches merged by hand
+    pq.write_table(shard_table([*scored, scored[0]]), cache / "train-00000.parquet")  # e.g. two caches merged by hand
     manifest = {
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "splits": {"train": {"data_path": str(path), "data_fingerprint": data_fingerprint(str(path))}},
         "shards": {"train": [{"file": "train-00000.parquet", "rows": 5}]},
     }
-    write_json(cache / "manifest.json", manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
     args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenIS", "--data.logprobs_path", str(cache))
     assert_refused(
         args,

@@ -59,7 +59,7 @@ def test_runner_replaces_only_its_block():
     assert run.replace_between(text, "benchmarks", "new") == (
         "intro\n<!-- benchmarks:start -->\nnew\n<!-- benchmarks:end -->\noutro\n"
     )
-    with pytest.raises(SystemExit, match="README.md has no <!-- gpu-benchmarks:start -->"):
+    with pytest.raises(SystemExit, match="docs/benchmarks.md has no <!-- gpu-benchmarks:start -->"):
         run.replace_between(text, "gpu-benchmarks", "new")
 
 

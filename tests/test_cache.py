@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.cli.commands import main
-from pear_lightning.data.cache import PROGRESS, write_shard
+from pear_lightning.data.cache import PROGRESS, shard_table
 
 REDO = "re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {}`"
 
@@ -173,7 +173,7 @@ def spoil(cache, tmp_path, shard, change):
     shutil.copytree(cache, spoilt)
     rows = pq.read_table(spoilt / shard).to_pylist()
     rows = change(rows)
-    write_shard(spoilt / shard, rows)
+    pq.write_table(shard_table(rows), spoilt / shard)
     manifest = json.loads((spoilt / "manifest.json").read_text())
     for entry in manifest["shards"]["train"]:
         if entry["file"] == shard:

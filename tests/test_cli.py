@@ -167,7 +167,7 @@ def test_an_is_strategy_on_data_without_behaviour_logprobs_stops_before_training
     assert err.strip().splitlines()[-1] == (
         "error: weighting TokenIS needs the behaviour policy's log-probs (log π_β of every response token) and the "
         "training data has none: add `token_ids` and `logprobs` columns scored by the model that generated the data "
-        "(README: Data), or train with UniformSFT or DFT"
+        "(docs/data.md), or train with UniformSFT or DFT"
     )
 
 

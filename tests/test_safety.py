@@ -182,6 +182,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(trained, tiny_mo
     cli = tool_cli(PearCLI, args, "test", "test")
     cli.model.configure_model()
     cli.datamodule.load_tokenizer()
-    describe_inputs(cli, {})
+    hp = cli.model.hparams
+    describe_inputs(cli.datamodule, {}, hp.model_name_or_path, "32-true", None, hp.trust_remote_code)
     assert {name for name, _ in calls} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
     assert {trusted for _, trusted in calls} == {trust}

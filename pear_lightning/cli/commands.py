@@ -9,9 +9,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from pear_lightning.cli import cache_logprobs, export, generate, inspect_logprobs
 from pear_lightning.cli.lightning import DEBUG_ENV, PearArgumentParser, PearCLI
 from pear_lightning.cli.plugins import format_strategies, load_strategies
+from pear_lightning.cli.tools import TOOLS
 from pear_lightning.data.datamodule import PearDataModule
 from pear_lightning.demo import demo_config
 from pear_lightning.errors import PearError
@@ -55,10 +55,13 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "validate": ("validation loss of a model or checkpoint (LightningCLI)", lightning),
     "test": ("test loss of a model or checkpoint (LightningCLI)", lightning),
     "predict": ("per-token log-probs of the predict data (LightningCLI)", lightning),
-    "generate": ("sample responses with their token ids and sampling-distribution log-probs", generate.run),
-    "cache_logprobs": ("score the data with the behaviour model into a checked cache", cache_logprobs.run),
-    "inspect_logprobs": ("quantiles of the behaviour log-probs, step-0 log-ratios and weights", inspect_logprobs.run),
-    "export": ("a checkpoint as a Hugging Face model folder, for the RL stage", export.run),
+    "generate": ("sample responses with their token ids and sampling-distribution log-probs", TOOLS["generate"].run),
+    "cache_logprobs": ("score the data with the behaviour model into a checked cache", TOOLS["cache_logprobs"].run),
+    "inspect_logprobs": (
+        "quantiles of the behaviour log-probs, step-0 log-ratios and weights",
+        TOOLS["inspect_logprobs"].run,
+    ),
+    "export": ("a checkpoint as a Hugging Face model folder, for the RL stage", TOOLS["export"].run),
     "strategies": ("the installed weighting strategies, their origin and arguments", strategies),
 }
 

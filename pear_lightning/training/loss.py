@@ -81,7 +81,7 @@ def loss_terms(
         raise PearError(
             f"weighting {type(strategy).__name__} needs the behaviour policy's log-probs (log π_β of "
             "every response token) and the training data has none: add `token_ids` and `logprobs` columns "
-            "scored by the model that generated the data (README: Data), or train with UniformSFT or DFT"
+            "scored by the model that generated the data (docs/data.md), or train with UniformSFT or DFT"
         )
     own_losses = type(strategy).token_losses is not WeightingStrategy.token_losses
     if per_token is not None and own_losses:
