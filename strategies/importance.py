@@ -91,8 +91,9 @@ class ImportanceSampling(WeightingStrategy):
         return rank, count, running, total
 
     def metrics(self, batch: TokenBatch, weights: Tensor) -> dict[str, Tensor]:
-        """Weight mean/min/max, ESS/N, fractions of tokens at the clip bounds (log-ratio; final log-weight, at either
-        bound and at each), and the mean log-ratio (KL drift). Read from ``weights``; δ is the one thing recomputed."""
+        """Weight mean/min/max, ESS/N, fractions of tokens at the clip bounds (per-token log-ratio and final
+        log-weight, at either bound and at each), and the mean log-ratio (KL drift). Read from ``weights``; δ is the
+        one thing recomputed."""
         mask = batch.mask
         n = mask.sum().clamp(min=1)
         w = weights[mask].double()
@@ -108,6 +109,8 @@ class ImportanceSampling(WeightingStrategy):
             "weight_max": w.max() if not empty else w.new_zeros(()),
             "ess": w.sum() ** 2 / (n * (w**2).sum()).clamp(min=1e-30),
             "log_ratio_clipped": ((delta <= r_low) | (delta >= r_high)).sum() / n,
+            "log_ratio_at_lower_clip": (delta <= r_low).sum() / n,
+            "log_ratio_at_upper_clip": (delta >= r_high).sum() / n,
             "log_weight_clipped": (at_low | at_high).sum() / n,
             "log_weight_at_lower_clip": at_low.sum() / n,
             "log_weight_at_upper_clip": at_high.sum() / n,

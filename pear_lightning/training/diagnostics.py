@@ -19,55 +19,104 @@ from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 from pear_lightning.training.loss import LossTerms, nll_sum
 from pear_lightning.training.step import StepTotals
 
-SATURATION_STEPS = 20  # the optimizer steps whose logging steps the saturation warning looks back over (at least one)
+SATURATION_STEPS = 20  # the optimizer steps whose logging steps the clip watch looks back over (at least one)
+SCALE_LIMIT = 10.0  # a mean weight above this (or below its inverse) rescales a `tokens`-normalised loss that much
+WATCHED = (  # token means of an IS strategy's metrics that the clip watch sums over a window, weighted by loss tokens
+    "log_ratio_at_lower_clip",
+    "log_ratio_at_upper_clip",
+    "log_weight_at_lower_clip",
+    "log_weight_at_upper_clip",
+    "weight_mean",
+    "log_ratio_mean",
+)
 
 
-class SaturationWatch:
-    """Watches the fraction of loss tokens whose log-weight sits at a clip bound, window by window of micro-batches,
-    and says once when it passes ``threshold``: saturated weights carry little of π_θ/π_β. The counts stay on the
-    device; one copy to the host per window.
+class ClipWatch:
+    """Watches every clip of an importance-sampling strategy, window by window of micro-batches: the fraction of
+    loss tokens whose per-token log-ratio sits at either bound of ``log_ratio_clip``, whose log-weight sits at either
+    bound of ``log_weight_clip``, and the weights' mean. Says once, when a fraction passes ``threshold`` (or, under
+    the ``tokens`` normaliser, the mean weight leaves [1/10, 10]), what it means and what to change. The sums stay on
+    the device; one copy to the host per window.
 
     Args:
-        threshold: the fraction of loss tokens at a bound above which to warn; 1 never warns.
+        threshold: the fraction of loss tokens at one clip (per-token ratio, or log-weight at either bound) above
+            which to warn; 1 never warns (nor does the weights' scale then).
     """
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self.sums: torch.Tensor | None = None  # loss tokens at the upper bound, at the lower, all, in this window
+        self.sums: torch.Tensor | None = None  # each WATCHED mean times loss tokens, and the loss tokens
         self.seen = 0
         self.warned = False
 
-    def add(
-        self, metrics: dict[str, torch.Tensor], loss_tokens: torch.Tensor, window: int
-    ) -> tuple[float, float] | None:
-        """Count one micro-batch; at the end of a window of ``window`` micro-batches whose bounds hold more than
-        ``threshold`` of their loss tokens, return (fraction at the upper bound, at the lower), the first time only."""
-        if self.warned or "log_weight_at_upper_clip" not in metrics:
+    def add(self, metrics: dict[str, torch.Tensor], loss_tokens: torch.Tensor, window: int) -> dict[str, float] | None:
+        """Count one micro-batch; at the end of a window of ``window`` micro-batches, return the window's token means
+        of ``WATCHED`` if they call for a warning (see ``clip_findings``), the first time only."""
+        if self.warned or self.threshold >= 1 or not all(name in metrics for name in WATCHED):
             return None
-        at = [metrics[f"log_weight_at_{bound}_clip"].double() * loss_tokens for bound in ("upper", "lower")]
-        counts = torch.stack([*at, loss_tokens.double()])
+        counts = torch.stack([*(metrics[name].double() * loss_tokens for name in WATCHED), loss_tokens.double()])
         self.sums, self.seen = (counts if self.sums is None else self.sums + counts), self.seen + 1
         if self.seen < window:
             return None
-        (upper, lower, tokens), self.sums, self.seen = self.sums.tolist(), None, 0
-        if upper + lower <= self.threshold * tokens:
-            return None
-        self.warned = True
-        return upper / tokens, lower / tokens
+        *sums, tokens = self.sums.tolist()
+        self.sums, self.seen = None, 0
+        means = {name: total / max(tokens, 1) for name, total in zip(WATCHED, sums)}
+        self.warned = any(clip_findings(means, self.threshold))
+        return means if self.warned else None
 
 
-def saturation_message(strategy: object, upper: float, lower: float, steps: int, every: int) -> str:
-    """What saturated weights mean (over ``steps`` logging steps, one every ``every`` steps), and what to do."""
-    low, high = getattr(strategy, "log_weight_clip", (math.nan, math.nan))
-    seen = f"the last {steps} optimizer steps" if every == 1 else f"{steps} logging step(s), one every {every} steps"
+def clip_findings(means: dict[str, float], threshold: float) -> tuple[bool, bool, bool, bool]:
+    """Which clips decide the weights more than ``threshold`` of the time: the per-token ratio at its upper bound, at
+    its lower bound, the log-weight at a bound; and whether the mean weight is off scale (out of [1/10, 10])."""
     return (
-        f"{type(strategy).__name__}: over {seen}, {upper + lower:.0%} of the loss tokens had "
-        f"their log-weight at a clip bound ({upper:.0%} at the upper bound {high:g}, a weight of e^{high:g} ≈ "
-        f"{math.exp(high):.0f}; {lower:.0%} at the lower bound {low:g}): the weights are saturated and carry little of "
-        "π_θ/π_β (on long responses the suffix sums of the per-token log-ratios reach a bound within a few dozen "
-        "tokens). Consider model.loss_normalizer: weights (only relative weights matter), a lower upper bound "
-        "(--model.weighting.log_weight_clip), a smaller gamma, or BlockIS with shorter blocks"
+        means["log_ratio_at_upper_clip"] > threshold,
+        means["log_ratio_at_lower_clip"] > threshold,
+        means["log_weight_at_upper_clip"] + means["log_weight_at_lower_clip"] > threshold,
+        not 1 / SCALE_LIMIT <= means["weight_mean"] <= SCALE_LIMIT,
     )
+
+
+def clip_message(strategy: object, means: dict[str, float], threshold: float, normalizer: str, seen: str) -> str:
+    """One warning: every clip's fraction and the mean weight over ``seen``, what the ones past ``threshold`` mean, and
+    what to change."""
+    (r_low, r_high), (w_low, w_high) = strategy.log_ratio_clip, strategy.log_weight_clip
+    ratio_up, ratio_down, weight, scale = clip_findings(means, threshold)
+    w_up, w_down, mean = means["log_weight_at_upper_clip"], means["log_weight_at_lower_clip"], means["weight_mean"]
+    parts = [
+        f"{type(strategy).__name__}: over {seen}, {means['log_ratio_at_upper_clip']:.0%} of the loss tokens had their "
+        f"log-ratio log π_θ − log π_β at the upper clip {r_high:g} and {means['log_ratio_at_lower_clip']:.0%} at the "
+        f"lower clip {r_low:g} (mean log-ratio {means['log_ratio_mean']:+.2f}); {w_up + w_down:.0%} had their "
+        f"log-weight at a clip bound ({w_up:.0%} at the upper bound {w_high:g}, a weight of e^{w_high:g} ≈ "
+        f"{math.exp(w_high):.0f}; {w_down:.0%} at the lower bound {w_low:g}); the mean weight was {mean:.3g}."
+    ]
+    if ratio_up:
+        parts.append(
+            "π_β gives the data far less probability than the student, so the upper clip, not π_θ/π_β, sets the "
+            "weights: check that the behaviour log-probs are those of the model and sampling settings that generated "
+            "the data (cache_logprobs with that model, data.sampling); if they are, raise the upper bound of "
+            "--model.weighting.log_ratio_clip."
+        )
+    if ratio_down:
+        parts.append(
+            f"π_β gives the data far more probability than the student, so the weights are only a length discount, "
+            f"e^({r_low:g} × the tokens after each one): lower the bound (--model.weighting.log_ratio_clip '[-1, "
+            f"{r_high:g}]') to measure the ratios, clip at 0 ('[0, {r_high:g}]') to leave those tokens at weight 1, "
+            "or train with UniformSFT until the student is closer to π_β."
+        )
+    if weight:
+        parts.append(
+            "The weights are saturated and carry little of π_θ/π_β (on long responses the suffix sums of the per-token "
+            "log-ratios reach a bound within a few dozen tokens). Consider model.loss_normalizer: weights (only "
+            "relative weights matter), a lower upper bound (--model.weighting.log_weight_clip), a smaller gamma, or "
+            "BlockIS with shorter blocks."
+        )
+    if scale and normalizer == "tokens":
+        parts.append(
+            f"With model.loss_normalizer: tokens the loss and its gradient are {mean:.3g}× those of the same tokens "
+            "under SFT, as a learning rate that much higher or lower would be: set model.loss_normalizer: weights, "
+            "or narrow the clips."
+        )
+    return " ".join(parts)
 
 
 def logging_step(trainer: L.Trainer) -> bool:
@@ -104,12 +153,12 @@ class StepDiagnostics(torch.nn.ModuleDict):
     def __init__(self, saturation_warning: float = 0.5) -> None:
         super().__init__()
         self._last: tuple[float, int] | None = None  # when the previous micro-batch started, and its tokens
-        self.saturation = SaturationWatch(saturation_warning)
+        self.clips = ClipWatch(saturation_warning)
 
     def log(self, module: L.LightningModule, strategy: object, terms: LossTerms, tokens: int, logging: bool) -> None:
         """Record that a micro-batch of ``tokens`` tokens starts now; if ``logging``, log the previous one's throughput,
-        this one's metrics (``terms.metrics``) over its loss tokens, and, once, a warning when the strategy's weights
-        are saturated (see ``SaturationWatch``; over the logging steps of the last 20 optimizer steps, at least one)."""
+        this one's metrics (``terms.metrics``) over its loss tokens, and, once, a warning when a clip decides the
+        strategy's weights (see ``ClipWatch``; over the logging steps of the last 20 optimizer steps, at least one)."""
         now = time.perf_counter()
         last, self._last = self._last, (now, tokens)
         if not logging:
@@ -118,8 +167,14 @@ class StepDiagnostics(torch.nn.ModuleDict):
             module.log("train/tokens_per_sec", torch.tensor(last[1] / (now - last[0])), prog_bar=True)
         every, accumulate = module.trainer.log_every_n_steps, module.trainer.accumulate_grad_batches
         steps = math.ceil(SATURATION_STEPS / every)
-        if saturated := self.saturation.add(terms.metrics, terms.num_tokens, steps * accumulate):
-            rank_zero_warn(saturation_message(strategy, *saturated, steps, every))
+        if means := self.clips.add(terms.metrics, terms.num_tokens, steps * accumulate):
+            seen = (
+                f"the last {steps} optimizer steps"
+                if every == 1
+                else f"{steps} logging step(s), one every {every} steps"
+            )
+            normalizer = module.hparams.loss_normalizer
+            rank_zero_warn(clip_message(strategy, means, self.clips.threshold, normalizer, seen))
         metrics, loss_tokens = terms.metrics, terms.num_tokens
         for name, value in metrics.items():
             if name not in self:

@@ -54,7 +54,9 @@ class PearModule(L.LightningModule):
             (any micro-batch, any rank): weights, optimizer state and schedule stay as they were, a warning names the
             examples. One more stops the run (0: the first one does).
         saturation_warning: warn once when more than this fraction of the loss tokens of the logging steps of 20
-            optimizer steps (at least one) have their log-weight at a clip bound (saturated IS weights); 1: never.
+            optimizer steps (at least one) have their per-token log-ratio at one clip bound or their log-weight at a
+            clip bound (the clip, not π_θ/π_β, sets the weights), or, under ``tokens``, when the mean weight leaves
+            [1/10, 10]; 1: never.
         float32_matmul_precision: on a CUDA GPU, how fp32 matrix products may run (torch's setting): ``high``
             lets tensor cores use TF32 (mixed-precision compute is bf16 anyway), ``highest`` keeps full fp32.
         optimizer: set by the CLI's ``optimizer:`` key; default AdamW(lr=1e-5), over the trainable parameters.
