@@ -34,7 +34,7 @@ from pear_lightning.data.checks import check_unique_ids
 from pear_lightning.data.render import example_id, load_tokenizer, prompt_ids, request, turn_end
 from pear_lightning.data.sources import GENERATED, load_examples, no_examples
 from pear_lightning.errors import LOAD_ERRORS, PearError, load_error
-from pear_lightning.model.load import load_model
+from pear_lightning.model.load import check_positions, load_model, position_limit
 from pear_lightning.sampling import SamplingSettings
 
 FORMAT_VERSION = 1
@@ -261,6 +261,12 @@ def generate(
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as err:
         raise load_error("model.model_name_or_path", model, "a model config", err) from err
+    longest = max(range(len(requests)), key=lambda i: len(requests[i]))
+    size = len(requests[longest])
+    what = f"prompt {example_id(rows[longest])} of {prompts} ({size} tokens) + --max_new_tokens {max_new_tokens}"
+    room = (position_limit(config) or 0) - size
+    fix = f"lower --max_new_tokens to at most {room}" if room > 0 else "shorten that prompt"
+    check_positions(model, config, size + max_new_tokens, what, fix)
     writer.start(describe_inputs(job, rows, vocab, config))
     sampler = context = None
     for k, start in enumerate(range(0, len(rows), shard_size)):

@@ -44,7 +44,7 @@ from pear_lightning.data.collate import collate
 from pear_lightning.data.datamodule import PearDataModule
 from pear_lightning.data.loader import loader_workers
 from pear_lightning.errors import LOAD_ERRORS, PearError, load_error
-from pear_lightning.model.load import load_model
+from pear_lightning.model.load import check_example_positions, load_model
 from pear_lightning.model.logprobs import ChunkSize, response_logprobs
 from pear_lightning.model.topk import teacher_topk
 from pear_lightning.sampling import SamplingSettings
@@ -146,8 +146,13 @@ def cache_logprobs(
         raise PearError(f"cache_logprobs: none of the splits {list(splits)} has a data path in the config")
     for split, dataset in tokenized.items():
         check_unique_ids(dataset, data.paths[split])  # the cache is keyed by id: one row per id
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as err:
+        raise load_error("model.model_name_or_path", model, "a model config", err) from err
+    check_example_positions(model, config, data.longest(tuple(tokenized)))
     entry = teacher_entry(teacher or model, teacher_top_k, teacher_dtype, data.load_tokenizer(), trust_remote_code)
-    inputs = describe_inputs(data, tokenized, model, str(trainer.precision), entry, trust_remote_code)
+    inputs = describe_inputs(data, tokenized, model, config, str(trainer.precision), entry)
     if writer.start(inputs):
         rank_zero_info(f"{output}: complete already, nothing to do")
         return inputs
@@ -184,15 +189,11 @@ def describe_inputs(
     data: PearDataModule,
     splits: dict[str, Dataset],
     model: str,
+    config: Any,
     precision: str,
     teacher: dict[str, Any] | None,
-    trust_remote_code: bool,
 ) -> dict[str, Any]:
     """Everything the cached numbers depend on; a resumed run must match it exactly."""
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as err:
-        raise load_error("model.model_name_or_path", model, "a model config", err) from err
     return {
         "format_version": FORMAT_VERSION,
         "pear_lightning_version": __version__,

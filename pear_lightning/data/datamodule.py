@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
@@ -131,6 +132,19 @@ class PearDataModule(L.LightningDataModule):
                 self.datasets[split] = self.with_behavior(split, data) if split == "train" else data
         if stage == "fit" and not self.paths["train"]:
             raise PearError("data.train_path is required for fit")
+
+    def longest(self, splits: tuple[str, ...] = SPLITS) -> tuple[int, str, str] | None:
+        """The longest tokenised example of ``splits`` (those loaded or tokenised): its tokens, id and data path."""
+        found = None
+        for split in splits:
+            data = self.datasets.get(split, self._tokenized.get(split))
+            if data is None or len(data) == 0:
+                continue
+            lengths = pc.list_value_length(data.data.column("input_ids"))
+            index = pc.index(lengths, pc.max(lengths)).as_py()
+            if found is None or lengths[index].as_py() > found[0]:
+                found = (lengths[index].as_py(), data[index]["id"], self.paths[split])
+        return found
 
     def tokenized(self, split: str) -> Dataset:
         """Load ``split``'s examples, tokenise them (cached by ``datasets``), and drop and count those

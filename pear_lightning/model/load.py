@@ -59,6 +59,45 @@ def load_model(
     return model.train(), chunkable
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_limit(config: Any) -> int | None:
+    """The number of positions a model config declares (learned position embeddings, or a RoPE model's trained
+    context), or None if it declares none."""
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model: str, config: Any, tokens: int, what: str, fix: str) -> None:
+    """Refuse a sequence of ``tokens`` tokens (``what`` says whose) longer than the positions of ``model``.
+
+    Raises:
+        PearError: naming both numbers and ``fix`` (formatted with the ``limit``): past its positions a model with
+            learned positions fails, and a RoPE model runs on positions it was never trained on.
+    """
+    limit = position_limit(config)
+    if limit is not None and tokens > limit:
+        field = next(name for name in POSITION_FIELDS if getattr(config, name, None) == limit)
+        raise PearError(
+            f"{what} has {tokens} tokens, more than the {limit} positions of model {model} (its config's {field}; a "
+            "model with learned positions fails past them, a RoPE model runs on positions it was never trained on): "
+            + fix.format(limit=limit)
+        )
+
+
+def check_example_positions(model: str, config: Any, longest: tuple[int, str, str] | None) -> None:
+    """Refuse data whose longest tokenised example (tokens, id, path; see ``PearDataModule.longest``) is longer than
+    the positions of ``model``."""
+    if longest is not None:
+        tokens, example, path = longest
+        fix = "set data.max_length to at most {limit} (longer examples are cut, and counted), or use a model with more"
+        check_positions(model, config, tokens, f"example {example} of {path}", fix)
+
+
 def _checkpoint_activations(model: PreTrainedModel) -> None:
     """Recompute each decoder layer in backward, through transformers 5's ``activation_checkpointing_enable`` where
     it exists (its ``gradient_checkpointing_enable`` is deprecated), the older name otherwise."""

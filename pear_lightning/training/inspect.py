@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pear_lightning.atomic import atomic_write, check_writable
 from pear_lightning.data.datamodule import PearDataModule
 from pear_lightning.errors import PearError
+from pear_lightning.model.load import check_example_positions
 from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenIS
 from pear_lightning.training.module import PearModule
 
@@ -62,6 +63,7 @@ def inspect_logprobs(
         )
     module.configure_model()
     module.eval()
+    check_example_positions(module.hparams.model_name_or_path, module.model.config, data.longest(("train",)))
     strategies = {"SequenceIS": SequenceIS(), "TokenIS": TokenIS(), "BlockIS": BlockIS()}
     if isinstance(module.weighting, ImportanceSampling):
         strategies[f"{type(module.weighting).__name__} (config)"] = module.weighting

@@ -11,10 +11,12 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.aggregation import MeanMetric
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
+from pear_lightning.data.datamodule import PearDataModule
+from pear_lightning.errors import LOAD_ERRORS
 from pear_lightning.model.attention import model_inputs
-from pear_lightning.model.load import check_checkpoint, load_model, trainable_keys
+from pear_lightning.model.load import check_checkpoint, check_example_positions, load_model, trainable_keys
 from pear_lightning.model.logprobs import ChunkSize, response_logprobs, target_logprobs
 from pear_lightning.model.lora import LoraSettings
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
@@ -92,8 +94,16 @@ class PearModule(L.LightningModule):
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
 
     def setup(self, stage: str) -> None:
-        """Refuse a training strategy the step's normalisation cannot serve; on CUDA, set the fp32 matmul precision."""
+        """Refuse a training strategy the step's normalisation cannot serve, and examples longer than the model's
+        positions (before the first step); on CUDA, set the fp32 matmul precision."""
         check_strategy(self.trainer.strategy)
+        data, path = self.trainer.datamodule, self.hparams.model_name_or_path
+        if isinstance(data, PearDataModule):
+            try:
+                config = AutoConfig.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+            except LOAD_ERRORS:
+                config = None  # configure_model names the problem
+            check_example_positions(path, config, data.longest())
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
 

@@ -183,6 +183,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(trained, tiny_mo
     cli.model.configure_model()
     cli.datamodule.load_tokenizer()
     hp = cli.model.hparams
-    describe_inputs(cli.datamodule, {}, hp.model_name_or_path, "32-true", None, hp.trust_remote_code)
+    config = AutoConfig.from_pretrained(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
+    describe_inputs(cli.datamodule, {}, hp.model_name_or_path, config, "32-true", None)
     assert {name for name, _ in calls} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
     assert {trusted for _, trusted in calls} == {trust}
