@@ -49,6 +49,13 @@ def strategies(args: list[str]) -> None:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+INTERRUPTED = {  # what a command stopped by Ctrl-C leaves, and how to go on
+    "fit": "the checkpoints written so far are kept: go on with --ckpt_path last (or a checkpoint's path)",
+    "generate": "the finished shards are kept: run the same command again to go on where it stopped",
+    "cache_logprobs": "the finished shards are kept: run the same command again to go on where it stopped",
+    "export": "nothing was written (the folder appears only when complete): run it again",
+}
+RERUN = "nothing was written: run it again"  # the other commands
 # command → (what it does, how it runs with the arguments after it; LightningCLI's commands get the whole line)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "fit": ("train a model (LightningCLI)", lightning),
@@ -102,7 +109,7 @@ class _DropAdverts(logging.Filter):
 
 def main(args: list[str] | None = None) -> None:
     """Run one command (see ``COMMANDS``); a ``PearError`` is printed as one line (a traceback with ``--debug`` or
-    PEAR_DEBUG=1)."""
+    PEAR_DEBUG=1), and so is a Ctrl-C, saying what was kept and how to go on (exit status 130)."""
     # Warnings from Lightning's own use of its dependencies, which the user can do nothing about.
     warnings.filterwarnings("ignore", message=".*jsonargparse.*deprecat", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
@@ -126,3 +133,8 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"{argv[0]}: stopped (Ctrl-C); {INTERRUPTED.get(argv[0], RERUN)}", file=sys.stderr)
+        sys.exit(130)
