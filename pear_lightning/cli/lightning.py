@@ -96,6 +96,17 @@ class PearCLI(LightningCLI):
         if ckpt and ckpt.split(":")[0] not in CKPT_KEYWORDS and "://" not in ckpt:
             read_checkpoint(ckpt, "--ckpt_path")
 
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; one that cannot be built (an optional package missing, bad arguments) is one
+        error naming the class and, where its package says, what to install."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            problem = unbuildable(str(err))
+            if problem is None:
+                raise
+            raise PearError(problem) from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Build the trainer, with this project's progress bar and summary (``console``), atomic checkpoint writes
         and ``weights_only`` loads (``checkpoint_io``); a setting Lightning refuses is one error."""
@@ -135,6 +146,18 @@ class PearCLI(LightningCLI):
                 ".json or .parquet file or folder"
             )
         check_outputs(self.trainer)
+
+
+def unbuildable(message: str) -> str | None:
+    """One line from jsonargparse's report of a ``class_path`` it could not build (the class, the first line of the
+    reason, the packages whose install its hints name), or None if the report names none."""
+    problem = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.+)", message)
+    if problem is None:
+        return None
+    name, reason = problem.groups()
+    packages = list(dict.fromkeys(re.findall(r"pip install -U '([^']+)'", message)))
+    install = "; to install: " + " or ".join(f"pip install '{p}'" for p in packages) if packages else ""
+    return f"{name} cannot be built: {reason.split(' HINT:')[0].strip().rstrip('.')}{install}"
 
 
 def _build_weighting(cls: type[WeightingStrategy], *args: Any, **kwargs: Any) -> WeightingStrategy:

@@ -4,6 +4,8 @@ parse but would fail later (after the first step, or after the last), and output
 from __future__ import annotations
 
 import math
+import netrc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,28 @@ def check_lora(path: str, lora: dict[str, Any], trust_remote_code: bool) -> None
         )
 
 
+def check_service(logger: Any) -> None:
+    """Refuse a logger that needs a service it cannot reach: W&B online without an API key (``wandb login`` writes
+    one to ~/.netrc) would otherwise stop the run at its first log, or wait for a key typed in.
+
+    Raises:
+        PearError: naming the logger and how to log in or go offline.
+    """
+    if type(logger).__name__ != "WandbLogger" or getattr(logger, "_offline", False):
+        return
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    if not logged_in:
+        raise PearError(
+            "trainer.logger (WandbLogger): not logged in to W&B (no WANDB_API_KEY, no api.wandb.ai entry in ~/.netrc): "
+            "run `wandb login`, or log offline (--trainer.logger.init_args.offline true, or WANDB_MODE=offline)"
+        )
+
+
 def check_outputs(trainer: Trainer) -> None:
     """Refuse a run whose logs, config or checkpoints could not be written, before the first step (a checkpoint
     folder is otherwise found unwritable only when the first checkpoint is due)."""
@@ -105,6 +129,7 @@ def check_outputs(trainer: Trainer) -> None:
     for logger in trainer.loggers:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         places.append((f"trainer.logger ({type(logger).__name__})", folder))
+        check_service(logger)
     places += [("ModelCheckpoint dirpath", c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath]
     for setting, folder in places:
         if folder is not None and "://" not in str(folder):
