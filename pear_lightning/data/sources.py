@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset, load_dataset, load_from_disk
 
 from pear_lightning.errors import PearError, looks_local
@@ -50,23 +52,15 @@ def load_examples(path: str) -> Dataset:
                 "again to finish it"
             )
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
-            dataset = load_from_disk(str(local))
+            dataset = read(local, lambda: load_from_disk(str(local)))
             return dataset["train"] if hasattr(dataset, "keys") else dataset
         check_one_format(local)
-        try:
-            with quiet_reader():
-                return load_dataset(str(local), split="train")
-        except Exception as err:  # datasets wraps the reader's error; the bad line is the useful part
-            raise PearError(unreadable(local, err)) from err
+        return read(local, lambda: load_dataset(str(local), split="train"))
     if local.is_file():
         builder = DATA_SUFFIXES.get(local.suffix)
         if builder is None:
             raise PearError(f"{path}: unsupported file type {local.suffix!r}; use .jsonl, .json or .parquet")
-        try:
-            with quiet_reader():
-                return load_dataset(builder, data_files=str(local), split="train")
-        except Exception as err:  # as above
-            raise PearError(unreadable(local, err)) from err
+        return read(local, lambda: load_dataset(builder, data_files=str(local), split="train"))
     if local.suffix in DATA_SUFFIXES or looks_local(path):
         raise PearError(f"{path}: file not found")
     try:
@@ -111,8 +105,21 @@ def _load_generated(folder: Path, manifest: dict) -> Dataset:
     files = [str(folder / s["file"]) for s in manifest["shards"] if s["rows"]]
     if not files:
         raise PearError(f"{folder}: holds no responses (the verifier kept none of {manifest['samples']} samples)")
-    with quiet_reader():
-        return load_dataset("parquet", data_files=files, split="train")
+    return read(folder, lambda: load_dataset("parquet", data_files=files, split="train"))
+
+
+def read(path: Path, load: Callable[[], Dataset]) -> Dataset:
+    """``load()`` a local data source; whatever the reader raises becomes one line naming the file at fault (see
+    ``unreadable``), the same for every kind of source.
+
+    Raises:
+        PearError: if it cannot be read.
+    """
+    try:
+        with quiet_reader():
+            return load()
+    except Exception as err:  # datasets wraps the reader's error; the bad file or line is the useful part
+        raise PearError(unreadable(path, err)) from err
 
 
 def no_examples(path: str | Path) -> str:
@@ -133,17 +140,26 @@ def quiet_reader() -> Iterator[None]:
 
 def unreadable(path: Path, err: Exception) -> str:
     """Say, on one line, why ``datasets`` could not read a data file (or a folder of them): the first line
-    that is not a JSON object, no example at all, or else the reader's own error."""
+    that is not a JSON object, the first Parquet file that cannot be read, no example at all, or else the reader's
+    own error."""
+    cause = err.__cause__ or err
+    reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    if (path / "state.json").exists():  # a saved dataset: its own JSON files are metadata, not examples
+        return f"{path}: cannot be read as a saved dataset ({reason}); save it again with save_to_disk"
     files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
     json_files = [f for f in files if DATA_SUFFIXES.get(f.suffix) == "json"]
     for file in json_files:
         if (problem := _bad_line(file)) is not None:
             return problem
+    for file in (f for f in files if f.suffix == ".parquet"):
+        try:
+            pq.ParquetFile(file).read()
+        except (OSError, pa.ArrowException) as bad:
+            return f"{file}: not a readable Parquet file ({' '.join(str(bad).split())}); replace or delete it"
     # `datasets` says "corresponds to no data" of files without rows; an empty JSON file stops it without a word.
     if "corresponds to no data" in str(err) or (json_files == files and not any(_has_text(f) for f in files)):
         return no_examples(path)
-    cause = err.__cause__ or err
-    return f"{path}: cannot be read as a dataset: {type(cause).__name__}: {' '.join(str(cause).split())}"
+    return f"{path}: cannot be read as a dataset: {reason}"
 
 
 def _bad_line(file: Path) -> str | None:
