@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from datasets import Dataset
 from lightning.fabric import Fabric
 from lightning.pytorch.utilities import rank_zero_info
@@ -80,8 +81,12 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, model_name_or_path: str, config
 def describe_inputs(
     job: Generation, prompts: Dataset, tokenizer: PreTrainedTokenizerBase, config: Any
 ) -> dict[str, Any]:
-    """Everything the responses depend on; a resumed run must match it exactly."""
+    """Everything the responses depend on; a resumed run must match it exactly. Under ``transformers`` the batch
+    (prompts sampled together draw from one random stream, padded together), the device and the attention
+    implementation change the samples; vLLM seeds each prompt on its own."""
     precision = job.precision if job.backend == "transformers" else f"vllm dtype {job.vllm_dtype}"
+    local = job.backend == "transformers"
+    device = job.accelerator if job.accelerator != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "kind": GENERATED,
         "format_version": FORMAT_VERSION,
@@ -94,6 +99,9 @@ def describe_inputs(
         "stop_token_ids": stop_ids(tokenizer, job.model, config),
         "backend": job.backend,
         "precision": precision,
+        "batch_size": job.batch_size if local else None,
+        "accelerator": device if local else "cuda",
+        "attn_implementation": job.attn_implementation,
         "n": job.n,
         "max_new_tokens": job.max_new_tokens,
         "seed": job.seed,
