@@ -127,6 +127,7 @@ class PearDataModule(L.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}[stage]
         for split in needed:
             if self.paths[split] and split not in self.datasets:
+                self.sampling_of(split)  # data.sampling must agree with what a generate folder records
                 data = self.tokenized(split)
                 # Only training weighs tokens by π_θ/π_β; evaluation reports the plain likelihood.
                 self.datasets[split] = self.with_behavior(split, data) if split == "train" else data
@@ -237,6 +238,11 @@ class PearDataModule(L.LightningDataModule):
         """
         path, teacher = self.paths[split], None
         if self.logprobs_path:
+            if self.logprobs_column in load_examples(path).column_names:
+                rank_zero_info(
+                    f"{split} ({path}): its own `{self.logprobs_column}` column is not used: the behaviour log-probs "
+                    f"come from data.logprobs_path={self.logprobs_path}"
+                )
             check_unique_ids(data, path)
             behavior = load_cache(self.logprobs_path, split, self.load_tokenizer(), path, self.sampling_of(split))
             teacher = read_manifest(Path(self.logprobs_path)).get("teacher")  # with it, the teacher's top-k columns

@@ -40,9 +40,15 @@ def export(
         The folder written.
 
     Raises:
-        PearError: if the output exists or cannot be written, or the checkpoint is not one of this model.
+        PearError: if the output exists or cannot be written, the checkpoint is not one of this model, or
+            ``adapter_only`` is asked of a run without LoRA.
     """
     output = Path(output)
+    if adapter_only and module.hparams.lora is None:
+        raise PearError(
+            "--adapter_only: this run fine-tunes every weight (model.lora is not set), so there is no adapter to "
+            "write; export without --adapter_only for the full model, or give the LoRA run's config"
+        )
     check_new_path(output, "--output", "export writes a new folder")
     state = read_checkpoint(checkpoint, "--checkpoint")
     module.configure_model()
