@@ -1,74 +1,31 @@
-"""PearDataModule: loading from every supported source, truncation accounting, the behaviour log-prob join."""
+"""The token-exact join of examples to their behaviour log-probs (the data's own columns, or a cache): every row is
+checked when the data loads, a row that does not line up stops the run before its first step (or is dropped and
+counted, up to a fraction), and truncation keeps the log-probs of the kept prefix."""
 
 import json
+import shutil
 
+import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO, STUDENT, conversation, demo_rows, write_jsonl
-from datasets import Dataset
+from conftest import (
+    DEMO,
+    RESCORE,
+    STUDENT,
+    assert_refused,
+    conversation,
+    demo_rows,
+    fit_args,
+    fit_on_cache_args,
+    write_jsonl,
+)
 from transformers import AutoTokenizer
 
 from pear_lightning import PearDataModule
+from pear_lightning.data.cache import data_fingerprint, shard_table, tokenizer_fingerprint
 from pear_lightning.errors import PearError
 
-ROWS = [
-    {"id": "a", "messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
-    {"id": "b", "prompt": "Compute 2+2.", "completion": "2+2=4. #### 4"},
-    {"id": "c", "messages": conversation("Compute 5-1.", "5-1=4. #### 4")},
-]
-
-
-def tokenized(path, **kwargs):
-    data = PearDataModule(train_path=str(path), tokenizer_name_or_path=str(STUDENT), **kwargs)
-    return data.tokenized("train")
-
-
-def test_jsonl_parquet_saved_dataset_and_folder_load_the_same_examples(tmp_path):
-    # Parquet and saved datasets need one schema; JSONL may mix chat and prompt/completion rows.
-    rows = [{"id": r["id"], "prompt": "Compute 1+2.", "completion": f"#### {i}"} for i, r in enumerate(ROWS)]
-    jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
-    Dataset.from_list(rows).to_parquet(tmp_path / "train.parquet")
-    Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
-    (tmp_path / "folder").mkdir()
-    write_jsonl(tmp_path / "folder" / "part-0.jsonl", rows)
-    expected = tokenized(jsonl).to_list()
-    assert [r["id"] for r in expected] == ["a", "b", "c"]
-    for path in ("train.parquet", "saved", "folder"):
-        assert tokenized(tmp_path / path).to_list() == expected, path
-
-
-def test_mixed_chat_and_prompt_completion_rows_load(tmp_path):
-    data = tokenized(write_jsonl(tmp_path / "train.jsonl", ROWS))
-    assert data["id"] == ["a", "b", "c"] and all(any(m) for m in data["loss_mask"])
-
-
-def test_truncated_examples_are_counted_and_empty_ones_skipped(tmp_path, caplog):
-    long_prompt = {"id": "long", "prompt": "Compute " + "1+" * 40 + "1.", "completion": "#### 41"}
-    path = write_jsonl(tmp_path / "train.jsonl", ROWS + [long_prompt])
-    with caplog.at_level("INFO"):
-        data = tokenized(path, max_length=30)
-    assert data["id"] == ["a", "b", "c"]
-    assert (
-        "train ("
-        + str(path)
-        + "): 1 of 4 examples truncated to max_length=30; 1 skipped because no response token was left"
-        in caplog.text
-    )
-
-
-def test_every_example_empty_after_truncation_is_an_error(tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    with pytest.raises(PearError) as err:
-        tokenized(path, max_length=5)
-    assert str(err.value) == (
-        f"{path}: none of its 3 examples has a response token within max_length=5; "
-        "raise data.max_length or shorten the prompts"
-    )
-
-
-def test_unsupported_file_type_is_named(tmp_path):
-    (tmp_path / "train.csv").write_text("a,b\n")
-    with pytest.raises(PearError, match=r"train.csv: unsupported file type '.csv'; use .jsonl, .json or .parquet$"):
-        tokenized(tmp_path / "train.csv")
+MISMATCH = "whose token_ids differ from the trainer's response tokens, or whose logprobs are not one per token"
+BAD_VALUES = "with NaN, infinite or positive log-probs (a log-probability is finite and <= 0)"
 
 
 def joined(path, **kwargs):
@@ -89,12 +46,6 @@ def test_the_demo_data_joins_its_behaviour_logprobs_token_exactly():
         assert (batch["behavior_logp"][i][~mask] == 0).all()
 
 
-ADVICE = (
-    "Re-score the data with `python -m pear_lightning cache_logprobs` and this run's config (same tokenizer, "
-    "chat template and max_length), or set data.drop_misaligned true to train without them"
-)
-
-
 def test_logprobs_that_do_not_line_up_stop_before_training(tmp_path):
     rows = demo_rows(5, "val")
     rows[1]["logprobs"] = rows[1]["logprobs"][:-1]  # one log-prob short of the ids
@@ -108,7 +59,7 @@ def test_logprobs_that_do_not_line_up_stop_before_training(tmp_path):
     assert str(err.value) == (
         f"{path}: 3 of 5 examples cannot be joined to their behaviour log-probs: 3 whose token_ids differ from the "
         "trainer's response tokens, or whose logprobs are not one per token (first: row 2 (id "
-        f"{rows[1]['id']}), row 4 (id {rows[3]['id']}), row 5 (id {rows[4]['id']})). {ADVICE}"
+        f"{rows[1]['id']}), row 4 (id {rows[3]['id']}), row 5 (id {rows[4]['id']})). {RESCORE}"
     )
 
 
@@ -121,7 +72,7 @@ def test_nan_logprob_stops_before_training(tmp_path):
         joined(path)
     assert str(err.value) == (
         f"{path}: 1 of 5 examples cannot be joined to their behaviour log-probs: 1 with NaN, infinite or positive "
-        f"log-probs (a log-probability is finite and <= 0) (first: row 1 (id {rows[0]['id']})). {ADVICE}"
+        f"log-probs (a log-probability is finite and <= 0) (first: row 1 (id {rows[0]['id']})). {RESCORE}"
     )
 
 
@@ -171,14 +122,148 @@ def test_a_row_whose_text_retokenises_differently_trains_on_its_generator_ids(tm
     assert f"train ({path}): 3 of 3 examples train on their generator's `token_ids` (not re-tokenised)" in caplog.text
 
 
-def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
-    size = len(AutoTokenizer.from_pretrained(STUDENT))
-    rows = demo_rows(3, "val")
-    rows[2]["token_ids"][4] = size
-    path = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(PearError) as err:
-        tokenized(path)
-    assert str(err.value) == (
-        f"{path} row 3 (id {rows[2]['id']}): `token_ids` holds {size}, not a token id of this tokenizer (its ids run "
-        f"from 0 to {size - 1}); the response ids must come from the tokenizer of data.tokenizer_name_or_path"
+def test_numeric_and_mixed_ids_are_read_as_strings(run_dir):
+    rows = [dict(r, id=i) for i, r in enumerate(demo_rows(4, "val"))]
+    rows[2]["id"] = "two"  # a JSON reader makes a column of mixed types JSON-typed; it must still join
+    data = PearDataModule(
+        train_path=str(write_jsonl(run_dir / "train.jsonl", rows)), tokenizer_name_or_path=str(STUDENT)
+    )
+    data.setup("fit")
+    assert sorted(data.datasets["train"]["id"]) == ["0", "1", "3", "two"]
+    assert all(data.datasets["train"]["behavior_logp"])  # every example joined to its log-probs
+
+
+# Every row of the data's own log-prob columns is checked when the data loads: one bad row among good ones stops
+# the run before its first step (a batch of 2 would only meet it at step 3).
+
+
+def shorter(row):
+    row["logprobs"] = row["logprobs"][:-3]
+
+
+def longer(row):
+    row["logprobs"] = row["logprobs"] + [-0.5]
+
+
+def positive(row):
+    row["logprobs"][2] = 0.7
+
+
+def infinite(row):
+    row["logprobs"][0] = -1e39  # finite as JSON's float64, -inf as the float32 it is trained with
+
+
+@pytest.mark.parametrize(
+    ("spoil", "clause"),
+    [(shorter, MISMATCH), (longer, MISMATCH), (positive, BAD_VALUES), (infinite, BAD_VALUES)],
+    ids=["logprobs-shorter-than-token-ids", "logprobs-longer", "positive-logprob", "infinite-logprob"],
+)
+def test_every_row_of_the_logprob_columns_is_checked_before_training(run_dir, tiny_model_dir, capsys, spoil, clause):
+    rows = demo_rows(6, "val")
+    spoil(rows[4])
+    path = write_jsonl(run_dir / "train.jsonl", rows)
+    args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenIS")
+    expected = (
+        f"{path}: 1 of 6 examples cannot be joined to their behaviour log-probs: 1 {clause} (first: row 5 (id "
+        f"{rows[4]['id']})). {RESCORE}"
+    )
+    assert_refused(args, capsys, run_dir, expected)
+
+
+def test_drop_misaligned_drops_rows_whose_logprobs_are_cut_short(run_dir):
+    rows = demo_rows(5, "val")
+    shorter(rows[2])
+    path = write_jsonl(run_dir / "train.jsonl", rows)
+    data = PearDataModule(str(path), tokenizer_name_or_path=str(STUDENT), drop_misaligned=True, max_drop_fraction=0.5)
+    data.setup("fit")
+    assert sorted(data.datasets["train"]["id"]) == sorted(r["id"] for i, r in enumerate(rows) if i != 2)
+
+
+# A cache's rows are joined the same way: a row missing, changed, cut or NaN stops `fit` before its first step.
+
+
+def spoil_cache(cache, root, shard, change):
+    """A copy of the cache whose ``shard`` rows went through ``change`` (the manifest follows the row count)."""
+    spoilt = root / "spoilt"
+    shutil.copytree(cache, spoilt)
+    rows = change(pq.read_table(spoilt / shard).to_pylist())
+    pq.write_table(shard_table(rows), spoilt / shard)
+    manifest = json.loads((spoilt / "manifest.json").read_text())
+    for entry in manifest["shards"]["train"]:
+        if entry["file"] == shard:
+            entry["rows"] = len(rows)
+    (spoilt / "manifest.json").write_text(json.dumps(manifest))
+    return spoilt
+
+
+def drop_row(row):
+    return None
+
+
+def bump_token(row):
+    row["token_ids"][5] = (row["token_ids"][5] + 1) % 300
+    return row
+
+
+def cut_row(row):
+    row["token_ids"], row["logprobs"] = row["token_ids"][:-2], row["logprobs"][:-2]
+    return row
+
+
+def nan_logprob(row):
+    row["logprobs"][1] = float("nan")
+    return row
+
+
+@pytest.mark.parametrize(
+    ("shard", "index", "change", "clause"),
+    [
+        ("train-00001.parquet", 7, drop_row, "missing from the behaviour log-probs"),
+        ("train-00000.parquet", 3, bump_token, MISMATCH),
+        ("train-00002.parquet", 0, cut_row, MISMATCH),
+        ("train-00000.parquet", 9, nan_logprob, BAD_VALUES),
+    ],
+    ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
+)
+def test_a_spoilt_cache_row_stops_training(
+    cache_workdir, behaviour_cache, tmp_path, capsys, run_dir, shard, index, change, clause
+):
+    spoilt_id = []
+
+    def spoil_one(rows):
+        spoilt_id.append(rows[index]["id"])
+        changed = change(rows[index])
+        return rows[:index] + ([changed] if changed is not None else []) + rows[index + 1 :]
+
+    spoilt = spoil_cache(behaviour_cache, tmp_path, shard, spoil_one)
+    row = 50 * int(shard[len("train-") : -len(".parquet")]) + index + 1  # the data file's row, counted from 1
+    assert_refused(
+        fit_on_cache_args(cache_workdir, spoilt, tmp_path),
+        capsys,
+        tmp_path,
+        f"{cache_workdir / 'train.jsonl'} with {spoilt}: 1 of 120 examples cannot be joined to their behaviour "
+        f"log-probs: 1 {clause} (first: row {row} (id {spoilt_id[0]})). {RESCORE}",
+    )
+
+
+def test_a_cache_that_lists_an_id_twice_is_refused(run_dir, tiny_model_dir, tokenizer, capsys):
+    rows = demo_rows(4, "val")
+    path = write_jsonl(run_dir / "train.jsonl", [{k: v for k, v in r.items() if k != "logprobs"} for r in rows])
+    cache = run_dir / "cache"
+    cache.mkdir()
+    scored = [{k: r[k] for k in ("id", "token_ids", "logprobs")} for r in rows]
+    pq.write_table(shard_table([*scored, scored[0]]), cache / "train-00000.parquet")  # e.g. two caches merged by hand
+    manifest = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "splits": {"train": {"data_path": str(path), "data_fingerprint": data_fingerprint(str(path))}},
+        "shards": {"train": [{"file": "train-00000.parquet", "rows": 5}]},
+    }
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "TokenIS", "--data.logprobs_path", str(cache))
+    assert_refused(
+        args,
+        capsys,
+        run_dir,
+        f"{path} with {cache}: the behaviour log-probs list 1 ids more than once (first: val-00000); each example "
+        "needs exactly one row: re-make them with `python -m pear_lightning cache_logprobs`",
     )

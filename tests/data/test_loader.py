@@ -1,9 +1,11 @@
-"""A run stopped mid-epoch and resumed from its checkpoint ends exactly where an uninterrupted run ends."""
+"""The training loader: resumable mid-epoch (a run stopped inside an epoch and resumed from its checkpoint sees the
+same batches and ends exactly where an uninterrupted run ends), and a packed loader yields the padded one's examples in
+the same order."""
 
 import lightning as L
 import pytest
 import torch
-from conftest import adamw, demo_rows, fit_quietly, write_jsonl
+from conftest import adamw, demo_rows, fit_quietly, mixed_examples, write_jsonl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pear_lightning import PearDataModule, PearModule
@@ -49,3 +51,25 @@ def test_resuming_mid_epoch_restores_model_optimizer_schedule_and_data_position(
     assert straight_batches[:4] != straight_batches[4:]  # epochs really are shuffled differently
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)  # bitwise on CPU fp32
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory, tokenizer):
+    """Sixteen examples of mixed length with behaviour log-probs, in a JSONL file."""
+    return write_jsonl(tmp_path_factory.mktemp("mixed") / "train.jsonl", mixed_examples(tokenizer, 16, seed=1))
+
+
+def test_the_packed_loader_yields_the_padded_loader_s_examples_in_the_same_order(tiny_model_dir, mixed_data):
+    batches = {}
+    for packing in (False, True):
+        data = PearDataModule(
+            train_path=str(mixed_data),
+            tokenizer_name_or_path=str(tiny_model_dir),
+            batch_size=4,
+            max_length=256,
+            packing=packing,
+        )
+        data.setup("fit")
+        batches[packing] = [batch for batch in data.train_dataloader()]
+    assert [b["ids"] for b in batches[True]] == [b["ids"] for b in batches[False]]
+    assert sum(b["input_ids"].numel() for b in batches[True]) < sum(b["input_ids"].numel() for b in batches[False])

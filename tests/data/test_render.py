@@ -1,7 +1,9 @@
-"""Loss masks are found by token position: exactly the assistant tokens and their end-of-turn token."""
+"""Rendering an example to token ids and a loss mask: the mask is found by token position (exactly the assistant
+tokens and their end-of-turn token), a generator's sampled ids are trained as sampled, and a row of the wrong shape
+is refused in one line naming its file, row and id."""
 
 import pytest
-from conftest import conversation, demo_rows
+from conftest import GOOD, STUDENT, assert_refused, conversation, demo_rows, fit_args, write_jsonl
 from transformers import AutoTokenizer
 
 from pear_lightning.data.render import example_id, tokenize_example
@@ -174,3 +176,58 @@ def test_without_chat_template_generated_ids_follow_the_plain_prompt(tmp_path, t
     tokens = tokenize_example({"prompt": "Compute 1+2."}, plain, 256, "x", response_ids=ids, finish_reason="stop")
     assert tokens["input_ids"] == plain("Compute 1+2.")["input_ids"] + ids + [plain.eos_token_id]
     assert trained_text(tokens, plain) == " #### 3<|im_end|>"
+
+
+def test_a_conversation_that_starts_with_the_assistant_trains_on_its_content_only(tokenizer):
+    example = {"messages": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}]}
+    tokens = tokenize_example(example, tokenizer, 256, "row 1")
+    assert trained_text(tokens, tokenizer) == "Hello.<|im_end|>"
+
+
+def test_a_response_token_at_position_zero_is_not_trained_on(tokenizer):
+    no_template = tokenizer.__class__.from_pretrained(STUDENT)
+    no_template.chat_template = None
+    tokens = tokenize_example({"prompt": "", "completion": "7+5=12."}, no_template, 64, "row 1")
+    assert tokens["untrainable_first"] and not tokens["loss_mask"][0]
+    assert tokens["num_loss_tokens"] == len(tokens["input_ids"]) - 1  # the rest and the EOS
+
+
+# Rows of the wrong shape, as `fit` meets them: one error line naming the file, the row and its id.
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"prompt": 5}, "row 2 (id g1): `prompt` and `completion` must be strings, but `prompt` is int"),
+        (
+            {"messages": "hello", "prompt": None, "completion": None},
+            "row 2 (id g1): `messages` must be a list of {'role': str, 'content': str}",
+        ),
+    ],
+    ids=["prompt-is-a-number", "messages-is-a-string"],
+)
+def test_a_text_column_of_the_wrong_type_is_named_with_its_row(run_dir, tiny_model_dir, capsys, change, problem):
+    rows = [dict(r) for r in GOOD]
+    rows[1].update(change)
+    path = write_jsonl(run_dir / "train.jsonl", rows)
+    args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "UniformSFT")
+    assert_refused(args, capsys, run_dir, f"{path} {problem}")
+
+
+def test_a_row_without_messages_or_prompt_is_named_by_file_and_row(run_dir, tiny_model_dir, capsys):
+    bad = write_jsonl(
+        run_dir / "bad.jsonl", [{"id": "ok", "prompt": "a", "completion": "b"}, {"id": "x7", "text": "c"}]
+    )
+    expected = f"{bad} row 2 (id x7): needs `messages` (chat) or `prompt` + `completion` (strings), or a prompt with its generator's `token_ids`; found fields ['id', 'text']"
+    assert_refused(fit_args(run_dir, tiny_model_dir, bad), capsys, run_dir, expected)
+
+
+def test_a_row_with_messages_and_prompt_is_refused(run_dir, tiny_model_dir, capsys):
+    rows = [dict(r) for r in GOOD]
+    rows[2]["messages"] = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path = write_jsonl(run_dir / "train.jsonl", rows)
+    expected = (
+        f"{path} row 3 (id g2): has both `messages` and `prompt` and `completion`; an example is one or the other: "
+        "keep one form per row"
+    )
+    assert_refused(fit_args(run_dir, tiny_model_dir, path), capsys, run_dir, expected)

@@ -24,7 +24,6 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from pear_lightning.atomic import atomic_write
 from pear_lightning.cli.commands import main
 from pear_lightning.cli.lightning import PearArgumentParser, PearCLI, tool_cli
-from pear_lightning.errors import PearError
 from pear_lightning.model.checkpoint_io import AtomicCheckpointIO
 
 HERE = Path(__file__).resolve().parent
@@ -284,39 +283,6 @@ def test_fit_killed_at_random_moments_always_resumes_to_the_uninterrupted_result
 
 
 # In-process checks of the pieces.
-
-
-def test_a_checkpoint_is_staged_beside_its_target_synced_then_renamed(tmp_path, monkeypatch):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
-    target = tmp_path / "checkpoints" / "last.ckpt"
-    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
-    temporary = str(tmp_path / "checkpoints" / f".last.ckpt.tmp-{os.getpid()}")
-    assert events == [
-        ("fsync", temporary),
-        ("replace", temporary, str(target)),
-        ("fsync", str(target.parent)),
-    ]
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert torch.equal(AtomicCheckpointIO().load_checkpoint(target)["w"], torch.ones(3))
-
-
-def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
-    target = tmp_path / "last.ckpt"
-    io = AtomicCheckpointIO()
-    io.save_checkpoint({"step": 1}, target)
-
-    def torn_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(PearError, match=f"could not write the checkpoint {target} \\(disk full\\); the previous"):
-        io.save_checkpoint({"step": 2}, target)
-    assert io.load_checkpoint(target) == {"step": 1}
-    assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
 def test_writing_a_file_removes_the_temporaries_that_killed_writers_left(tmp_path):

@@ -168,11 +168,3 @@ def test_smollm2_lora_config_runs_offline(tmp_path, monkeypatch):
     )
     (checkpoint,) = (tmp_path / "smollm2-lora" / "version_0" / "checkpoints").glob("*.ckpt")
     assert all(".lora_" in key for key in torch.load(checkpoint, weights_only=True)["state_dict"])
-
-
-def test_qlora_without_a_gpu_or_without_lora_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(PearError, match=r"^model.load_in_4bit is QLoRA: it needs model.lora"):
-        PearModule(str(tiny_model_dir), load_in_4bit=True).configure_model()
-    if not torch.cuda.is_available():
-        with pytest.raises(PearError, match=r"^model.load_in_4bit needs a CUDA GPU and bitsandbytes"):
-            PearModule(str(tiny_model_dir), load_in_4bit=True, lora=LORA).configure_model()

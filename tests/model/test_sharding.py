@@ -1,5 +1,5 @@
-"""Sharded (FSDP2) checkpoints on 2 CPU ranks: an interrupted save never replaces the last complete one, resume
-continues from it, and export gathers it into one Hugging Face folder."""
+"""Sharded (FSDP2) training and checkpoints on 2 CPU ranks: FSDP2 with LoRA trains; an interrupted sharded save never
+replaces the last complete one, resume continues from it, and export gathers it into one Hugging Face folder."""
 
 import os
 import subprocess
@@ -9,22 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, demo_rows, write_jsonl
+from conftest import REPO, TESTS, demo_rows, write_jsonl
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
 from pear_lightning.model.checkpoint_io import use_atomic_checkpoints
 
-HERE = Path(__file__).parent
-
 
 def run(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
-    """``python -m pear_lightning <args>`` in a subprocess, armed with ``fault`` (see faultpoints.py)."""
+    """``python -m pear_lightning <args>`` in a subprocess, armed with ``fault`` (see tests/faultpoints.py)."""
     env = {
         **os.environ,
         "PEAR_FAULT": fault,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),  # faultpoints
     }
     return subprocess.run(
         [sys.executable, "-m", "pear_lightning", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -112,3 +110,53 @@ def test_fsdp_sharded_saves_are_staged_too():
     save = strategy.save_checkpoint
     use_atomic_checkpoints(trainer)
     assert strategy.save_checkpoint is not save and strategy.save_checkpoint.__name__ == "save_staged"
+
+
+def test_fsdp2_with_lora_trains_on_two_cpu_ranks(tmp_path, tiny_model_dir, alternating_data):
+    config = {
+        "model": {
+            "model_name_or_path": str(tiny_model_dir),
+            "weighting": "TokenIS",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        },
+        "data": {"train_path": str(alternating_data), "batch_size": 2},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1,
+            "strategy": {
+                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1},
+            },
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "fsdp2"},
+            },
+        },
+    }
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "pear_lightning", "fit", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The model really is sharded: FSDP2 wraps its class, which the parameter summary names.
+    assert "model: FSDPPeftModelForCausalLM (LlamaForCausalLM)" in result.stderr
+    lines = (tmp_path / "fsdp2" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    losses = [
+        float(row.split(",")[header.index("train/loss")])
+        for row in lines[1:]
+        if row.split(",")[header.index("train/loss")]
+    ]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)

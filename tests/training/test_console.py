@@ -117,17 +117,6 @@ def test_unsaturated_weights_and_a_threshold_of_one_stay_silent(shift, ratio_cli
     assert not [w for w in caught if "saturated" in str(w.message)]
 
 
-def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_dir):
-    """transformers 5 deprecates ``gradient_checkpointing_enable``; the model is checkpointed without that warning."""
-    from pear_lightning.model.load import load_model
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, _ = load_model(str(tiny_model_dir), gradient_checkpointing=True)
-    assert model.is_gradient_checkpointing
-    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
-
-
 def test_the_summary_counts_parameters_and_the_lora_share(tmp_path, tiny_model_dir, caplog):
     """One line: every parameter of the model, the trainable ones, and with LoRA the adapters' share."""
     from pear_lightning.model.lora import LoraSettings

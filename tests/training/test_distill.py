@@ -1,9 +1,9 @@
-"""Distillation's per-token KL: the dense KL when k is the vocabulary, zero for the student as teacher, and every
-strategy's weights multiplying it unchanged."""
+"""Distillation's per-token KL: the dense KL when k is the vocabulary, zero for the student as teacher, every
+strategy's weights multiplying it unchanged, and `fit --model.loss kl` on a teacher cache logging its diagnostics."""
 
 import pytest
 import torch
-from conftest import BEHAVIOR, demo_rows
+from conftest import BEHAVIOR, demo_rows, fit_on_cache_args, run_cli
 
 from pear_lightning import PearModule
 from pear_lightning.data.cache import TEACHER_COLUMNS
@@ -212,3 +212,13 @@ def test_the_kl_diagnostics_wait_for_logging_steps(student, teacher_model, batch
     assert score(student.model, taught, "kl", "auto", metrics=False)[2] == {}
     assert student.loss_terms(taught, metrics=False).metrics == {}
     assert {"kl", "top1_agreement"} <= set(student.loss_terms(taught).metrics)
+
+
+def test_kl_with_token_is_trains_and_logs_the_kl_diagnostics(cache_workdir, teacher_cache, tmp_path, capsys, run_dir):
+    args = fit_on_cache_args(cache_workdir, teacher_cache, tmp_path, "--model.loss", "kl", "--trainer.max_steps", "2")
+    args += ["--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2", "--data.batch_size", "16"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    header = next(tmp_path.glob("demo/version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+    for name in ("kl", "kl_max", "teacher_tail_mass", "student_tail_mass", "top1_agreement", "ess"):
+        assert f"train/{name}_step" in header

@@ -1,5 +1,7 @@
-"""The non-finite guard: a NaN or inf in the loss or the gradient never reaches the weights, the optimizer or the
-schedule; the step is skipped with a warning naming its examples, counted, and too many stop the run."""
+"""The optimizer step: its loss is normalised over the whole step, so gradient accumulation, packing and the number
+of data-parallel ranks do not change the update; a NaN or inf in the loss or the gradient never reaches the weights,
+the optimizer or the schedule (the step is skipped with a warning naming its examples, counted, and too many stop the
+run); and a training strategy whose gradients are not the parameters' ``.grad`` is refused."""
 
 import copy
 import math
@@ -13,11 +15,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REPO, adamw, demo_rows, fit_quietly, write_jsonl
+from conftest import REPO, adamw, demo_rows, fit_quietly, mixed_examples, write_jsonl
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.errors import PearError
-from pear_lightning.strategies import TokenBatch
+from pear_lightning.strategies import TokenBatch, TokenIS, UniformSFT
+from pear_lightning.training.step import check_strategy
 
 BATCH, ACCUMULATE = 2, 2  # two micro-batches of two examples per optimizer step
 
@@ -212,6 +216,160 @@ def test_the_skipped_step_count_survives_a_checkpoint(tiny_model_dir):
     assert resumed.books.skipped_steps == 2
 
 
-def test_a_negative_limit_is_refused(tiny_model_dir):
+def test_a_negative_max_nonfinite_steps_is_refused(tiny_model_dir):
     with pytest.raises(PearError, match=re.escape("model.max_nonfinite_steps must be >= 0, got -1")):
         PearModule(str(tiny_model_dir), max_nonfinite_steps=-1)
+
+
+# Step-global loss normalisation.
+
+
+def one_sgd_step(model_dir, data_path, weighting, normaliser, batch_size, accumulate, max_length=1024, packing=False):
+    """Parameters after one SGD step (lr 1, so the update is the gradient) with the given batching."""
+    L.seed_everything(0)
+    data = PearDataModule(
+        train_path=str(data_path),
+        tokenizer_name_or_path=str(model_dir),
+        batch_size=batch_size,
+        max_length=max_length,
+        packing=packing,
+        shuffle=False,
+    )
+    module = PearModule(
+        str(model_dir),
+        weighting=weighting,
+        loss_normalizer=normaliser,
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
+    )
+    fit_quietly(module, data, max_steps=1, accumulate_grad_batches=accumulate, enable_checkpointing=False)
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+def initial_parameters(model_dir):
+    module = PearModule(str(model_dir))
+    module.configure_model()
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+@pytest.mark.parametrize("normaliser", ["tokens", "weights"])
+@pytest.mark.parametrize("weighting", [UniformSFT(), TokenIS(gamma=0.9)], ids=repr)
+def test_gradient_accumulation_does_not_change_the_update(tiny_model_dir, uneven_data, weighting, normaliser):
+    whole = one_sgd_step(tiny_model_dir, uneven_data, weighting, normaliser, batch_size=8, accumulate=1)
+    accumulated = one_sgd_step(tiny_model_dir, uneven_data, weighting, normaliser, batch_size=2, accumulate=4)
+    start = initial_parameters(tiny_model_dir)
+    update_whole, update_accumulated = whole - start, accumulated - start
+    assert update_whole.norm() > 0
+    assert ((update_whole - update_accumulated).norm() / update_whole.norm()).item() < 1e-5
+    # Lightning's own division by accumulate_grad_batches alone would be off by the uneven token counts:
+    per_batch_mean = one_step_naive(tiny_model_dir, uneven_data, weighting, normaliser)
+    assert ((update_whole - (per_batch_mean - start)).norm() / update_whole.norm()).item() > 1e-3
+
+
+def one_step_naive(model_dir, data_path, weighting, normaliser):
+    """The update Lightning gives by default: the mean over micro-batches of each micro-batch's own mean."""
+    module = PearModule(str(model_dir), weighting=weighting, loss_normalizer=normaliser)
+    module.configure_model()
+    data = PearDataModule(train_path=str(data_path), tokenizer_name_or_path=str(model_dir), batch_size=2, shuffle=False)
+    data.setup("fit")
+    for batch in data.train_dataloader():
+        loss = module.loss_terms(batch).mean
+        (loss / 4).backward()
+    with torch.no_grad():
+        return torch.cat([(p - p.grad).flatten() for p in module.model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory, tokenizer):
+    """Sixteen examples of mixed length with behaviour log-probs, in a JSONL file."""
+    return write_jsonl(tmp_path_factory.mktemp("mixed") / "train.jsonl", mixed_examples(tokenizer, 16, seed=1))
+
+
+def test_a_packed_training_step_updates_the_model_as_a_padded_one(tiny_model_dir, mixed_data):
+    before = initial_parameters(tiny_model_dir)
+    args = (tiny_model_dir, mixed_data, TokenIS(gamma=0.9), "tokens")
+    padded = one_sgd_step(*args, batch_size=16, accumulate=1, max_length=256) - before
+    for accumulate in (1, 4):  # the step-global normaliser sums packed micro-batches as it sums padded ones
+        step = one_sgd_step(*args, batch_size=16 // accumulate, accumulate=accumulate, max_length=256, packing=True)
+        packed = step - before
+        assert padded.norm() > 0
+        assert ((packed - padded).norm() / padded.norm()).item() < 1e-5
+
+
+def cli_config(tmp_path, model_dir, data_path, devices, batch_size, name, normaliser):
+    """A run config for one SGD step, written to a file."""
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "model_name_or_path": str(model_dir),
+            "weighting": {"class_path": "TokenIS", "init_args": {"gamma": 0.9}},
+            "loss_normalizer": normaliser,
+        },
+        "data": {"train_path": str(data_path), "batch_size": batch_size, "shuffle": False},
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": "ddp" if devices > 1 else "auto",
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / name),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": name},
+            },
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def final_parameters(tmp_path, name):
+    (checkpoint,) = (tmp_path / name / "version_0" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return torch.cat([v.flatten() for k, v in sorted(state.items()) if k.startswith("model.")])
+
+
+@pytest.mark.parametrize("normaliser", ["tokens", "weights"])
+def test_two_data_parallel_ranks_give_the_update_of_one(tmp_path, tiny_model_dir, alternating_data, normaliser):
+    runs = {"one": (1, 8), "two": (2, 4)}
+    for name, (devices, batch_size) in runs.items():
+        config = cli_config(tmp_path, tiny_model_dir, alternating_data, devices, batch_size, name, normaliser)
+        result = subprocess.run(
+            [sys.executable, "-m", "pear_lightning", "fit", "--config", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    module = PearModule(str(tiny_model_dir))
+    module.configure_model()
+    start = torch.cat([v.flatten() for k, v in sorted(module.state_dict().items()) if k.startswith("model.")])
+    one, two = final_parameters(tmp_path, "one") - start, final_parameters(tmp_path, "two") - start
+    assert one.norm() > 0
+    assert ((one - two).norm() / one.norm()).item() < 1e-5
+
+
+# Strategies the step accounting cannot serve.
+
+
+class OwnStrategy(Strategy):
+    """A strategy of the user's own, of no kind the step accounting knows."""
+
+
+OwnStrategy.__abstractmethods__ = frozenset()  # its methods are never called here
+
+
+@pytest.mark.parametrize("cls", [DeepSpeedStrategy, OwnStrategy], ids=["deepspeed", "unknown-strategy"])
+def test_a_strategy_whose_gradients_are_not_param_grad_is_refused(cls):
+    strategy = cls.__new__(cls)  # DeepSpeed need not be installed to be refused
+    with pytest.raises(PearError) as err:
+        check_strategy(strategy)
+    assert str(err.value) == (
+        f"trainer.strategy: {cls.__name__} cannot be used: the loss of an optimizer step is normalised by rescaling "
+        "the parameters' .grad before the update, and this strategy keeps its gradients elsewhere (the rescale would "
+        "silently do nothing); use auto (one device), ddp, fsdp or ModelParallelStrategy (FSDP2)"
+    )

@@ -1,0 +1,89 @@
+"""Reading examples: JSON Lines, JSON, Parquet, saved datasets and folders of them load the same examples, and a
+file that cannot be read as examples is refused in one line naming it (and the line, where there is one)."""
+
+import json
+
+import pytest
+from conftest import GOOD, STUDENT, assert_refused, conversation, fit_args, write_jsonl
+from datasets import Dataset
+
+from pear_lightning import PearDataModule
+from pear_lightning.errors import PearError
+
+ROWS = [
+    {"id": "a", "messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
+    {"id": "b", "prompt": "Compute 2+2.", "completion": "2+2=4. #### 4"},
+    {"id": "c", "messages": conversation("Compute 5-1.", "5-1=4. #### 4")},
+]
+
+
+def tokenized(path, **kwargs):
+    data = PearDataModule(train_path=str(path), tokenizer_name_or_path=str(STUDENT), **kwargs)
+    return data.tokenized("train")
+
+
+def test_jsonl_parquet_saved_dataset_and_folder_load_the_same_examples(tmp_path):
+    # Parquet and saved datasets need one schema; JSONL may mix chat and prompt/completion rows.
+    rows = [{"id": r["id"], "prompt": "Compute 1+2.", "completion": f"#### {i}"} for i, r in enumerate(ROWS)]
+    jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
+    Dataset.from_list(rows).to_parquet(tmp_path / "train.parquet")
+    Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "part-0.jsonl", rows)
+    expected = tokenized(jsonl).to_list()
+    assert [r["id"] for r in expected] == ["a", "b", "c"]
+    for path in ("train.parquet", "saved", "folder"):
+        assert tokenized(tmp_path / path).to_list() == expected, path
+
+
+def test_an_unsupported_file_type_is_named(tmp_path):
+    (tmp_path / "train.csv").write_text("a,b\n")
+    with pytest.raises(PearError) as err:
+        tokenized(tmp_path / "train.csv")
+    assert str(err.value) == f"{tmp_path / 'train.csv'}: unsupported file type '.csv'; use .jsonl, .json or .parquet"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"id": "b", "prompt": "x" "completion": "y"}', "not valid JSON (Expecting ',' delimiter at column 27)"),
+        ('{"id": "b", "prompt": "x", "completion": "y"', "not valid JSON (Expecting ',' delimiter at column 45)"),
+        ('["b", "x", "y"]', "a JSON list, not an object; each line is one example"),
+    ],
+    ids=["missing-comma", "cut-short", "not-an-object"],
+)
+def test_a_malformed_jsonl_line_is_named_by_its_line_number(run_dir, tiny_model_dir, capsys, line, problem):
+    path = run_dir / "train.jsonl"
+    path.write_text(json.dumps(GOOD[0]) + "\n" + line + "\n" + json.dumps(GOOD[1]) + "\n")
+    expected = f"{path} line 2: {problem}" + ("; fix or delete the line" if "valid JSON" in problem else "")
+    assert_refused(fit_args(run_dir, tiny_model_dir, path), capsys, run_dir, expected)
+
+
+@pytest.mark.parametrize("kind", ["empty-file", "blank-lines", "no-rows-parquet"])
+def test_an_empty_dataset_is_refused(run_dir, tiny_model_dir, capsys, kind):
+    if kind == "no-rows-parquet":
+        path = run_dir / "train.parquet"
+        Dataset.from_dict({"prompt": [], "completion": []}).to_parquet(path)
+    else:
+        path = run_dir / "train.jsonl"
+        path.write_text("" if kind == "empty-file" else "\n  \n\n")
+    expected = f"{path}: holds no examples; give at least one (JSON Lines: one JSON object per line)"
+    assert_refused(fit_args(run_dir, tiny_model_dir, path), capsys, run_dir, expected)
+
+
+def test_a_data_path_that_does_not_exist_is_one_error(run_dir, tiny_model_dir, capsys):
+    assert_refused(
+        fit_args(run_dir, tiny_model_dir, "nowhere/train.jsonl"), capsys, run_dir, "nowhere/train.jsonl: file not found"
+    )
+
+
+def test_a_data_folder_of_two_formats_is_refused(run_dir, tiny_model_dir, capsys):
+    folder = run_dir / "data"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", GOOD[:2])
+    Dataset.from_list(GOOD[2:]).to_parquet(folder / "part-1.parquet")
+    expected = (
+        f"{folder}: holds data files of 2 formats (1 json, 1 parquet); only one would be read: keep one format per "
+        "data folder (.jsonl/.json or .parquet)"
+    )
+    assert_refused(fit_args(run_dir, tiny_model_dir, folder), capsys, run_dir, expected)
