@@ -9,6 +9,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
+import transformers
+
 from pear_lightning.cli.lightning import DEBUG_ENV, PearArgumentParser, PearCLI
 from pear_lightning.cli.plugins import format_strategies, load_strategies
 from pear_lightning.cli.tools import TOOLS
@@ -115,6 +118,9 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    if not sys.stderr.isatty():  # into a file: no carriage-return bars of datasets' or transformers' loading
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     argv = sys.argv[1:] if args is None else list(args)
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # also for the processes a multi-device run starts
