@@ -296,6 +296,21 @@ def collate_examples(tokenizer, examples: list[dict], max_length: int = 256) -> 
     return collate(rows, tokenizer.pad_token_id)
 
 
+def collate_with_behavior(tokenizer, examples: list[dict]) -> tuple[dict, list[dict]]:
+    """Collate ``examples`` with made-up behaviour log-probs (as the join leaves them); return the batch and those
+    log-probs (``{"id", "logprobs"}`` per example)."""
+    from pear_lightning.data.collate import collate
+    from pear_lightning.data.render import tokenize_example
+
+    rows, behavior = [], []
+    for i, example in enumerate(examples):
+        tokens = tokenize_example(example, tokenizer, 256, str(i))
+        n = sum(tokens["loss_mask"])
+        behavior.append({"id": str(i), "logprobs": [-(i + 1) - k / 100 for k in range(n)]})
+        rows.append({**tokens, "id": str(i), "behavior_logp": behavior[-1]["logprobs"]})
+    return collate(rows, tokenizer.pad_token_id), behavior
+
+
 def mixed_examples(tokenizer, count: int, seed: int = 0) -> list[dict]:
     """Chats of one to four demo turns (so their lengths differ up to fourfold), with the response ``token_ids`` the
     trainer will see and made-up behaviour ``logprobs`` for them."""

@@ -1,7 +1,7 @@
 """Test-only fault injection: a callback that SIGKILLs its own process at the point named by ``PEAR_FAULT``.
 
-Runs started by tests/test_faults.py name it in their config (``faultpoints.KillSwitch``, with this folder on
-PYTHONPATH); it does nothing unless ``PEAR_FAULT`` is set to one of:
+Runs started by tests/e2e/test_crash_safety.py and tests/model/test_sharding.py name it in their config
+(``faultpoints.KillSwitch``, with this folder on PYTHONPATH); it does nothing unless ``PEAR_FAULT`` is set to one of:
 
     step:K      during optimizer step K (after its backward, before its update)
     save:K      while the checkpoint of step K is being written: half of its bytes are on disk

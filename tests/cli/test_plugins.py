@@ -1,8 +1,11 @@
-"""Strategies are discovered through entry points, built-ins included; a broken plugin is named, not fatal."""
+"""Strategies are discovered through entry points, built-ins included; a broken plugin is named, not fatal, until
+it is asked for (or strict mode is on): then it is one error line."""
 
+import re
 from importlib.metadata import EntryPoint
 
 import pytest
+from conftest import GOOD, assert_refused, fit_args, run_cli, write_jsonl
 
 from pear_lightning.cli import plugins
 from pear_lightning.errors import PearError
@@ -115,3 +118,46 @@ def test_a_plugin_cannot_hide_a_builtin_or_use_another_name_than_its_class(monke
         "the strategy from pear_lightning 0.1.0"
     )
     assert found["TokenIS"].cls is TokenIS and "Alias" not in found
+
+
+@pytest.fixture
+def broken_plugin(run_dir, monkeypatch):
+    """A strategy plugin registered through an entry point whose module raises on import."""
+    (run_dir / "broken_plugin.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    monkeypatch.syspath_prepend(str(run_dir))
+    real = list(plugins.entry_points(group=plugins.GROUP))
+    broken = EntryPoint("Broken", "broken_plugin:Broken", plugins.GROUP)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [*real, broken])
+    return (
+        "strategy plugin 'Broken' (broken_plugin:Broken, from unknown distribution) failed to import: "
+        "RuntimeError: this plugin is broken"
+    )
+
+
+def test_a_plugin_that_raises_on_import_is_a_warning_until_it_is_used(broken_plugin, capsys):
+    with pytest.warns(UserWarning, match=f"^{re.escape(broken_plugin)}; skipped"):
+        code, out, _ = run_cli(["strategies"], capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()[1:]]
+    assert "Broken" not in listed and "UniformSFT" in listed
+
+
+def test_a_plugin_that_raises_on_import_and_is_asked_for_is_one_error(run_dir, tiny_model_dir, capsys, broken_plugin):
+    path = write_jsonl(run_dir / "train.jsonl", GOOD)
+    args = fit_args(run_dir, tiny_model_dir, path, "--model.weighting", "Broken")
+    with pytest.warns(UserWarning, match="failed to import"):
+        assert_refused(
+            args,
+            capsys,
+            run_dir,
+            f"model.weighting: {broken_plugin}; fix or reinstall that plugin, or use an installed strategy: "
+            "BlockIS, DFT, SequenceIS, TokenIS, TruncatedIS, UniformSFT",
+        )
+
+
+def test_a_plugin_that_raises_on_import_is_one_error_in_strict_mode(
+    run_dir, tiny_model_dir, capsys, broken_plugin, monkeypatch
+):
+    monkeypatch.setenv(plugins.STRICT_ENV, "1")
+    path = write_jsonl(run_dir / "train.jsonl", GOOD)
+    assert_refused(fit_args(run_dir, tiny_model_dir, path), capsys, run_dir, broken_plugin)

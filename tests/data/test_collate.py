@@ -4,12 +4,11 @@ random examples too: hypothesis, derandomized)."""
 
 import pytest
 import torch
-from conftest import SMALL_CHATS
+from conftest import SMALL_CHATS, collate_with_behavior
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pear_lightning.data.collate import collate, pack
-from pear_lightning.data.render import tokenize_example
 
 # Derandomized: CI sees the same examples every run; no example database, so nothing depends on earlier runs.
 PROFILE = settings(
@@ -23,20 +22,8 @@ LOGPROBS = st.one_of(
 )
 
 
-def with_behavior(tokenizer, examples):
-    """Collate ``examples`` with made-up behaviour log-probs (as the join leaves them); return the batch and those
-    log-probs."""
-    rows, behavior = [], []
-    for i, example in enumerate(examples):
-        tokens = tokenize_example(example, tokenizer, 256, str(i))
-        n = sum(tokens["loss_mask"])
-        behavior.append({"id": str(i), "logprobs": [-(i + 1) - k / 100 for k in range(n)]})
-        rows.append({**tokens, "id": str(i), "behavior_logp": behavior[-1]["logprobs"]})
-    return collate(rows, tokenizer.pad_token_id), behavior
-
-
 def test_behaviour_logprobs_are_placed_on_the_response_tokens(tokenizer):
-    batch, behavior = with_behavior(tokenizer, SMALL_CHATS)
+    batch, behavior = collate_with_behavior(tokenizer, SMALL_CHATS)
     for i, row in enumerate(behavior):
         assert batch["behavior_logp"][i][batch["loss_mask"][i]].tolist() == pytest.approx(row["logprobs"])
     assert (batch["behavior_logp"][~batch["loss_mask"]] == 0).all()

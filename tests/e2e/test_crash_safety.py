@@ -1,6 +1,7 @@
 """Crash safety: a run SIGKILLed at any moment (during a step, during a checkpoint save, during cache_logprobs
 scoring or a shard write) resumes, with `--ckpt_path last` or by re-running, to exactly where a run that was
-never killed ends; and what we write is staged beside its target, synced and renamed.
+never killed ends. (How each file is staged, synced and renamed: tests/test_atomic.py and
+tests/model/test_checkpoint_io.py.)
 
 The kills come from tests/faultpoints.py (a callback named in the runs' config, armed by PEAR_FAULT), so they
 land at chosen moments; the `slow` test adds kills from outside at random moments.
@@ -18,15 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO, write_jsonl
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from conftest import DEMO, TESTS, read_cache, write_jsonl
 
-from pear_lightning.atomic import atomic_write
 from pear_lightning.cli.commands import main
-from pear_lightning.cli.lightning import PearArgumentParser, PearCLI, tool_cli
-from pear_lightning.model.checkpoint_io import AtomicCheckpointIO
 
-HERE = Path(__file__).resolve().parent
 KILLED = -signal.SIGKILL
 RESTORED = "Restored all states from the checkpoint at {}"
 
@@ -81,7 +77,7 @@ def write_config(root: Path, model_dir: Path, train_path: Path, max_steps: int) 
 
 
 class Run:
-    """``python -m pear_lightning <args>`` in a subprocess, armed with ``fault`` (see faultpoints.py)."""
+    """``python -m pear_lightning <args>`` in a subprocess, armed with ``fault`` (see tests/faultpoints.py)."""
 
     count = 0
 
@@ -90,7 +86,7 @@ class Run:
         self.log = Path(args[args.index("--config") + 1]).parent / f"run-{Run.count}.log"
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "PEAR_FAULT": fault,
             "OMP_NUM_THREADS": "1",  # several runs share the cores; one thread each is also the fastest here
         }
@@ -152,12 +148,6 @@ def assert_same_training_state(checkpoint: dict, reference: dict) -> None:
             for key, value in state.items():
                 torch.testing.assert_close(ours["state"][index][key], value, rtol=0, atol=0)
     assert checkpoint["lr_schedulers"] == reference["lr_schedulers"]
-
-
-def read_cache(folder: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    return {f.name: pq.read_table(f).to_pylist() for f in sorted(folder.glob("*.parquet"))}
 
 
 def orphans(folder: Path) -> list[str]:
@@ -283,48 +273,3 @@ def test_fit_killed_at_random_moments_always_resumes_to_the_uninterrupted_result
 
 
 # In-process checks of the pieces.
-
-
-def test_writing_a_file_removes_the_temporaries_that_killed_writers_left(tmp_path):
-    target = tmp_path / "shard.parquet"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / f".shard.parquet.tmp-{dead.stdout.strip()}").write_bytes(b"torn")  # its writer has exited
-    (tmp_path / f".shard.parquet.tmp-{os.getppid()}").write_bytes(b"in progress")  # its writer is running
-    atomic_write(target, lambda tmp: tmp.write_text("new"))
-    assert target.read_text() == "new"
-    assert orphans(tmp_path) == [f".shard.parquet.tmp-{os.getppid()}"]
-
-
-def cli_for(tiny_model_dir, train_path, *args):
-    return tool_cli(
-        PearCLI,
-        ["--model.model_name_or_path", str(tiny_model_dir), "--data.train_path", str(train_path), *args],
-        "test",
-        "test",
-    )
-
-
-def test_the_cli_installs_atomic_checkpoints_but_keeps_a_checkpoint_io_of_the_users(
-    tiny_model_dir, train_path, monkeypatch
-):
-    monkeypatch.setattr(sys, "argv", ["pear_lightning"])
-    cli = cli_for(tiny_model_dir, train_path)
-    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
-    cli = cli_for(tiny_model_dir, train_path, "--trainer.plugins", "lightning.pytorch.plugins.io.AsyncCheckpointIO")
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AsyncCheckpointIO)
-
-
-def test_the_saved_config_is_written_atomically_and_never_overwritten_unasked(tmp_path, monkeypatch):
-    parser = PearArgumentParser()
-    parser.add_argument("--lr", type=float, default=0.1)
-    config = parser.parse_args(["--lr", "0.5"])
-    renames = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((Path(a).name, Path(b).name)), real_replace(a, b)))
-    path = tmp_path / "config.yaml"
-    parser.save(config, str(path), skip_none=False, overwrite=True, multifile=False)
-    assert renames == [(f".config.yaml.tmp-{os.getpid()}", "config.yaml")]
-    assert path.read_text() == parser.dump(config, skip_none=False)
-    with pytest.raises(ValueError, match="Refusing to overwrite"):
-        parser.save(config, str(path), multifile=False)
-    assert orphans(tmp_path) == []

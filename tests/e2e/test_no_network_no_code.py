@@ -10,7 +10,7 @@ import datasets
 import huggingface_hub
 import pytest
 import torch
-from conftest import DEMO, write_jsonl
+from conftest import DEMO, run_cli, write_jsonl
 from lightning.fabric.plugins import TorchCheckpointIO
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -147,7 +147,7 @@ def test_the_cache_join_and_export_load_no_pickle_and_export_writes_safetensors(
         torch.testing.assert_close(value, state[f"model.{name}"], rtol=0, atol=0)
 
 
-def test_resuming_never_unpickles_code_even_where_torch_would(trained, tmp_path, monkeypatch):
+def test_resuming_never_unpickles_code_even_where_torch_would(trained, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.ckpt"
     checkpoint = torch.load(trained["checkpoint"], weights_only=True)
@@ -159,9 +159,14 @@ def test_resuming_never_unpickles_code_even_where_torch_would(trained, tmp_path,
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         AtomicCheckpointIO().load_checkpoint(evil)
     monkeypatch.setattr("sys.argv", ["pear_lightning"])
-    with pytest.raises(SystemExit) as refused:
-        main(["fit", "--config", str(trained["config"]), "--ckpt_path", str(evil)])
-    assert refused.value.code == 2  # one error line naming the object: tests/test_reliability.py
+    capsys.readouterr()
+    code, _, err = run_cli(["fit", "--config", str(trained["config"]), "--ckpt_path", str(evil)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: --ckpt_path {evil}: holds objects other than tensors and plain data (os.makedirs, which could run code when "
+        "loaded), so it is not loaded; give a checkpoint written by fit (a .ckpt file, or the folder a sharded run "
+        "writes)"
+    ]
     assert not marker.exists()
     assert AtomicCheckpointIO().load_checkpoint(trained["checkpoint"])["global_step"] == 2  # ours load weights-only
 

@@ -1,4 +1,5 @@
-"""The PEAR strategies against a loop-based reference of the formulas, and their properties."""
+"""The built-in strategies' weights against a loop-based reference of the formulas (docs/strategies.md, "The
+strategies"), and their properties: ranges, gradients through log π_θ only, refusals of bad arguments."""
 
 import math
 
@@ -11,7 +12,7 @@ from pear_lightning.strategies import DFT, BlockIS, SequenceIS, TokenBatch, Toke
 def reference_weights(
     batch: TokenBatch, kind: str, gamma=0.999, block_size=1, ratio_clip=(-0.08, 0.3), weight_clip=(-10.0, 5.0)
 ):
-    """The formulas of DESIGN.md, one trajectory and one token at a time, in float64."""
+    """The formulas of docs/strategies.md, one trajectory and one token at a time, in float64."""
     B, T = batch.mask.shape
     weights = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
@@ -114,6 +115,16 @@ def test_weights_stay_finite_and_in_range_for_extreme_ratios(strategy):
         assert (weights[batch.mask] <= math.exp(high) * (1 + 1e-6)).all()
 
 
+def test_uniform_sft_gives_prompt_and_padding_tokens_no_loss_and_no_gradient():
+    mask = torch.tensor([[False, False, True, True, False], [False, True, True, True, True]])
+    logp = torch.randn(2, 5).clamp(max=-0.01).requires_grad_()
+    losses = UniformSFT().token_losses(TokenBatch(logp=logp, mask=mask))
+    assert (losses[~mask] == 0).all()
+    torch.testing.assert_close(losses[mask], -logp[mask])
+    (grad,) = torch.autograd.grad(losses.sum(), logp)
+    torch.testing.assert_close(grad, -mask.float())
+
+
 @pytest.mark.parametrize("strategy", [UniformSFT(), SequenceIS(), TokenIS(), BlockIS(), DFT(), TruncatedIS()], ids=repr)
 def test_gradient_flows_only_through_logp_with_the_weights_as_constants(strategy):
     batch = random_batch(6)
@@ -172,7 +183,7 @@ def test_arguments_out_of_range_are_refused(make, message):
     assert str(err.value) == message
 
 
-def test_diagnostics_match_hand_computed_values():
+def test_is_diagnostics_match_hand_computed_values():
     mask = torch.tensor([[False, True, True, True]])
     logp = torch.tensor([[0.0, -1.0, -1.0, -1.0]])
     behavior = torch.tensor([[0.0, -1.5, -1.0, -0.9]])  # δ = 0.5 (clipped to 0.3), 0, -0.1 (clipped to -0.08)

@@ -1,10 +1,12 @@
-"""What a training step computes and logs: the loss every step, the rest on logging steps only."""
+"""What a run logs while it trains and what it warns of: the loss every step, the rest (the plain NLL beside the
+weighted loss, each strategy's diagnostics) on logging steps only, and a warning when importance weights saturate."""
 
+import csv
 import warnings
 from collections import Counter
 
 import pytest
-from conftest import DEMO, fit_quietly
+from conftest import DEMO, adamw, demo_rows, fit_args, fit_quietly, run_cli, write_jsonl
 
 from pear_lightning import PearDataModule, PearModule
 from pear_lightning.strategies import TokenIS
@@ -88,3 +90,70 @@ def test_the_saturation_warning_reads_the_logging_steps_of_20_optimizer_steps(ti
     if warns:
         seen = "the last 20 optimizer steps" if every == 1 else "1 logging step(s), one every 20 steps"
         assert f"over {seen}" in saturated[0] and "at the lower bound -0.01" in saturated[0]
+
+
+def logged(run_dir, name: str) -> list[dict[str, float]]:
+    """The training rows of one CSV-logged run's metrics.csv (the only version under ``runs/<name>``)."""
+    (version,) = (run_dir / "runs" / name).iterdir()
+    with open(version / "metrics.csv") as f:
+        rows = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+    return [row for row in rows if "train/loss" in row]
+
+
+@pytest.mark.parametrize("weighting", ["UniformSFT", "TokenIS"])
+def test_train_nll_is_the_unweighted_token_mean_nll(weighting, run_dir, tiny_model_dir, capsys):
+    """UniformSFT's train/loss is the NLL, so train/nll equals it at every step; under TokenIS, at the first step
+    (same weights, same batch) train/nll still equals UniformSFT's, while train/loss, weighted, does not."""
+    train = write_jsonl(run_dir / "train.jsonl", demo_rows(12))
+    args = fit_args(run_dir, tiny_model_dir, train, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1")
+    steps = {}
+    for name in dict.fromkeys(("UniformSFT", weighting)):
+        code, _, err = run_cli(
+            [*args, "--seed_everything", "0", "--model.weighting", name, "--trainer.logger.name", name], capsys
+        )
+        assert code == 0, err
+        steps[name] = logged(run_dir, name)
+    uniform, weighted = steps["UniformSFT"], steps[weighting]
+    assert len(uniform) == 3 and all(row["train/nll"] == pytest.approx(row["train/loss"], rel=1e-6) for row in uniform)
+    assert weighted[0]["train/nll"] == pytest.approx(uniform[0]["train/loss"], rel=1e-5)
+    if weighting == "TokenIS":
+        assert abs(weighted[0]["train/loss"] - weighted[0]["train/nll"]) > 1e-3
+
+
+def shifted_rows(shift: float) -> list[dict]:
+    """Demo rows with their behaviour log-probs moved by ``shift``."""
+    rows = demo_rows(40)
+    for row in rows:
+        row["logprobs"] = [lp + shift for lp in row["logprobs"]]
+    return rows
+
+
+def fit_token_is(tmp_path, tiny_model_dir, shift: float, steps: int, ratio_clip=(-0.08, 0.3), **module_args):
+    train = write_jsonl(tmp_path / f"train{shift}.jsonl", shifted_rows(shift))
+    data = PearDataModule(str(train), tokenizer_name_or_path=str(tiny_model_dir), batch_size=2, max_length=96)
+    module = PearModule(
+        str(tiny_model_dir), weighting=TokenIS(log_ratio_clip=ratio_clip), optimizer=adamw(1e-4), **module_args
+    )
+    # the watch reads logging steps
+    fit_quietly(module, data, max_steps=steps, log_every_n_steps=1, default_root_dir=tmp_path)
+
+
+def test_saturated_weights_warn_once_with_the_fraction_and_what_to_do(tmp_path, tiny_model_dir):
+    """Behaviour log-probs far below the student's put every log-ratio at its upper clip (1 here), so each token's
+    suffix sum reaches the log-weight bound 5 five tokens from the end: most tokens sit at the bound."""
+    with pytest.warns(UserWarning, match="saturated") as record:
+        fit_token_is(tmp_path, tiny_model_dir, shift=-50.0, steps=25, ratio_clip=(-0.08, 1.0))
+    (message,) = [str(w.message) for w in record if "saturated" in str(w.message)]
+    assert message.startswith("TokenIS: over the last 20 optimizer steps, ")
+    assert "at the upper bound 5, a weight of e^5 ≈ 148" in message
+    assert "model.loss_normalizer: weights" in message
+
+
+@pytest.mark.parametrize(("shift", "ratio_clip", "threshold"), [(0.0, (-0.08, 0.3), 0.5), (-50.0, (-0.08, 1.0), 1.0)])
+def test_unsaturated_weights_and_a_threshold_of_one_stay_silent(shift, ratio_clip, threshold, tmp_path, tiny_model_dir):
+    """The demo's data on a fresh student (log-ratios at the lower clip -0.08, whose suffix sums stay above -10 on
+    responses under 125 tokens) does not warn; nor does a saturated run told never to."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_token_is(tmp_path, tiny_model_dir, shift, 25, ratio_clip, saturation_warning=threshold)
+    assert not [w for w in caught if "saturated" in str(w.message)]
