@@ -269,7 +269,7 @@ def teacher_entry(
         own = None  # a folder without tokenizer files: the run's tokenizer is taken as the teacher's
     if own is not None and own.get_vocab() != tokenizer.get_vocab():
         raise PearError(
-            f"--teacher {path}: its tokenizer's vocabulary ({len(own)} tokens) is not the run's ({len(tokenizer)}); "
+            f"--teacher {path}: its tokenizer's vocabulary is not the run's ({vocabulary_difference(own, tokenizer)}); "
             "distillation compares the teacher's and the student's probabilities token id by token id, so the "
             "teacher must share the student's tokenizer"
         )
@@ -281,6 +281,18 @@ def teacher_entry(
         "dtype": dtype,
         "vocab_size": vocab,
     }
+
+
+def vocabulary_difference(own: PreTrainedTokenizerBase, run: PreTrainedTokenizerBase) -> str:
+    """How two vocabularies differ, in words: their sizes, or the token ids they map to other strings."""
+    if len(own) != len(run):
+        return f"{len(own)} tokens, the run's {len(run)}"
+    theirs, ours = own.get_vocab(), run.get_vocab()
+    moved = sorted((i, t) for t, i in theirs.items() if ours.get(t) != i)
+    by_id = {i: t for t, i in ours.items()}
+    i, token = moved[0]
+    example = f"id {i}: {token!r}, the run's {by_id.get(i)!r}"
+    return f"both {len(run)} tokens, but {len(moved)} ids map to other strings, e.g. {example}"
 
 
 def check_kept(rows: list[dict[str, Any]], path: str, sampling: SamplingSettings) -> None:

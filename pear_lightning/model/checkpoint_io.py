@@ -128,7 +128,8 @@ def read_checkpoint(path: str, setting: str) -> dict[str, Any]:
     """
     local = Path(path)
     if not local.exists():
-        raise PearError(f"{setting} {path}: file not found; {WHAT_TO_GIVE}, or `last` to resume from the newest one")
+        resume = ", or `last` to resume from the newest one" if setting == "--ckpt_path" else ""
+        raise PearError(f"{setting} {path}: file not found; {WHAT_TO_GIVE}{resume}")
     if local.is_dir() and not is_sharded(local):
         raise PearError(f"{setting} {path}: a folder that holds no checkpoint (no {SHARDED_METADATA}); {WHAT_TO_GIVE}")
     file = local / SHARDED_METADATA if local.is_dir() else local

@@ -38,7 +38,29 @@ class OneCycleLR(lr_scheduler.OneCycleLR):
         self, optimizer: Optimizer, max_lr: float | None = None, total_steps: int | None = None, **kwargs: Any
     ) -> None:
         peak = max_lr if max_lr is not None else [group["lr"] for group in optimizer.param_groups]
+        if total_steps is not None:
+            check_phases(total_steps, kwargs.get("pct_start", 0.3), kwargs.get("three_phase", False))
         super().__init__(optimizer, max_lr=peak, total_steps=total_steps, **kwargs)
+
+
+def check_phases(total: int, pct_start: float, three_phase: bool) -> None:
+    """Refuse a length and warm-up fraction whose phases torch's OneCycleLR cannot compute: it divides by each
+    phase's length, from its start to its end step, and a phase of 0 steps (the warm-up when ``pct_start × total``
+    is 1, the decay when ``pct_start`` is 1) divides by zero.
+
+    Raises:
+        ValueError: naming both numbers and what to change.
+    """
+    warm = float(pct_start * total) - 1
+    ends = [warm, 2 * warm, total - 1] if three_phase else [warm, total - 1]
+    starts = [0.0, *ends[:-1]]
+    if any(end == start for start, end in zip(starts, ends)):
+        other = 2 / total if 2 / total < 1 else 0.5
+        raise ValueError(
+            f"pct_start {pct_start:g} of {total} steps leaves a phase of 0 steps (warm-up ends at step "
+            f"{warm:g}), which torch's OneCycleLR cannot schedule (it divides by the phase's length): set "
+            f"pct_start to another value (e.g. {other:g}) or change trainer.max_steps"
+        )
 
 
 def with_run_length(config: dict[str, Any], run_steps: Callable[[], float]) -> dict[str, Any]:
