@@ -46,13 +46,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
-# Where Lightning writes when a test gives it no folder: the working directory, which is often the repository.
-DEFAULT_OUTPUTS = ("checkpoints", "lightning_logs")
+# Where a run writes when a test gives it no folder: Lightning's defaults and the demo config's runs/ are relative to
+# the working directory, which is often the repository; pip builds a plugin in its source folder.
+DEFAULT_OUTPUTS = ("checkpoints", "lightning_logs", "runs", "tests/plugin_example/build")
 
 
 @pytest.fixture(autouse=True)
 def nothing_written_into_the_repository():
-    """Fail the test that leaves Lightning's default outputs in the repository (give its run a temporary folder)."""
+    """Fail the test that leaves a run's default outputs in the repository (give its run a temporary folder)."""
     before = {name for name in DEFAULT_OUTPUTS if (REPO / name).exists()}
     yield
     made = {name for name in DEFAULT_OUTPUTS if (REPO / name).exists()} - before

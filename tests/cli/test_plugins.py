@@ -45,6 +45,7 @@ def test_a_plugin_that_is_not_a_strategy_is_refused_and_strict_mode_makes_it_fat
 
 def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, monkeypatch, capsys):
     """Install tests/plugin_example as a real distribution, then use its strategy by short name."""
+    import shutil
     import subprocess
     import sys
 
@@ -52,6 +53,8 @@ def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, m
 
     from pear_lightning.cli.commands import main
 
+    source = tmp_path / "plugin_example"  # pip builds in the source folder: a copy, so the repository stays as it is
+    shutil.copytree(REPO / "tests" / "plugin_example", source)
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -64,7 +67,7 @@ def test_the_example_plugin_is_discovered_listed_and_trains_the_demo(tmp_path, m
             "--no-build-isolation",
             "--target",
             str(target),
-            str(REPO / "tests" / "plugin_example"),
+            str(source),
         ],
         check=True,
     )
