@@ -1,4 +1,4 @@
-"""The benchmark code keeps working: a tiny throughput run and the runner's README rewriting.
+"""The benchmark code keeps working: a tiny throughput run, the GPU benchmark on the CPU, and the runner's rewriting of docs/benchmarks.md.
 
 Timings are never asserted here; the figures come from ``python -m benchmarks.run``.
 """
