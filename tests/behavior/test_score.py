@@ -263,7 +263,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_is_written
     code, _, err = run_cli(teacher_cache_args(cache_workdir, tmp_path / "out", "--teacher", str(other)), capsys)
     assert code == 2 and not (tmp_path / "out").exists()
     assert err.strip().splitlines()[-1] == (
-        f"error: --teacher {other}: its tokenizer's vocabulary (302 tokens) is not the run's (301); distillation "
+        f"error: --teacher {other}: its tokenizer's vocabulary is not the run's (302 tokens, the run's 301); distillation "
         "compares the teacher's and the student's probabilities token id by token id, so the teacher must share the "
         "student's tokenizer"
     )
