@@ -210,6 +210,11 @@ def cut_row(row):
     return row
 
 
+def extend_row(row):  # a response longer than the trainer's, for an example that was not truncated
+    row["token_ids"], row["logprobs"] = row["token_ids"] + [7], row["logprobs"] + [-1.0]
+    return row
+
+
 def nan_logprob(row):
     row["logprobs"][1] = float("nan")
     return row
@@ -221,9 +226,10 @@ def nan_logprob(row):
         ("train-00001.parquet", 7, drop_row, "missing from the behaviour log-probs"),
         ("train-00000.parquet", 3, bump_token, MISMATCH),
         ("train-00002.parquet", 0, cut_row, MISMATCH),
+        ("train-00001.parquet", 2, extend_row, MISMATCH),
         ("train-00000.parquet", 9, nan_logprob, BAD_VALUES),
     ],
-    ids=["id-missing", "token-changed", "row-truncated", "nan-logprob"],
+    ids=["id-missing", "token-changed", "row-truncated", "row-longer-not-truncated", "nan-logprob"],
 )
 def test_a_spoilt_cache_row_stops_training(
     cache_workdir, behaviour_cache, tmp_path, capsys, run_dir, shard, index, change, clause
