@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
+from pear_lightning.data.sources import generated_manifest
 from pear_lightning.errors import PearError
 from pear_lightning.sampling import SamplingSettings
 
@@ -96,50 +97,83 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def load_cache(
-    folder: str, split: str, tokenizer: PreTrainedTokenizerBase, data_path: str, sampling: SamplingSettings
+    folder: str,
+    split: str,
+    tokenizer: PreTrainedTokenizerBase,
+    data_path: str,
+    sampling: SamplingSettings,
+    setting: str = "data.logprobs_path",
+    sampling_setting: str = "data.sampling",
 ) -> Dataset:
     """Load one split of a cache, memory-mapped, after checking that it was made for this tokenizer and data, under
-    the distribution that sampled the data (``sampling``).
+    the distribution that sampled the data (``sampling``), and, for a ``generate`` folder, by the model that sampled it.
+
+    Args:
+        folder: the cache folder.
+        split: the split of the cache to load.
+        tokenizer: the run's tokenizer.
+        data_path: the examples the cache must have scored.
+        sampling: the distribution that sampled them.
+        setting: how messages name the cache folder's setting.
+        sampling_setting: how messages name the setting that declares ``sampling``.
 
     Raises:
-        PearError: if the folder holds no complete cache, the tokenizer, data file or sampling settings differ
-            from the ones it was made with, or a shard is missing, unreadable or of the wrong size.
+        PearError: if the folder holds no complete cache, the tokenizer, data file, sampling settings or (for a
+            ``generate`` folder) the model that sampled the data differ from the ones it was made with, or a shard is
+            missing, unreadable or of the wrong size.
     """
     root = Path(folder)
     redo = f"re-run `python -m pear_lightning cache_logprobs --config <this run's config> --output {folder}`"
     manifest = read_manifest(root)
     if manifest is None:
         state = "an unfinished cache (no manifest.json)" if (root / PROGRESS).exists() else "no cache"
-        raise PearError(f"data.logprobs_path={folder}: holds {state}; {redo}")
+        raise PearError(f"{setting}={folder}: holds {state}; {redo}")
     if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise PearError(
-            f"data.logprobs_path={folder}: made with another tokenizer or chat template (fingerprint "
+            f"{setting}={folder}: made with another tokenizer or chat template (fingerprint "
             f"{manifest['tokenizer_fingerprint']}, this run's is {tokenizer_fingerprint(tokenizer)}); its token ids "
             f"would not line up: {redo}"
         )
     entry = manifest["splits"].get(split)
     if entry is None:
-        raise PearError(
-            f"data.logprobs_path={folder}: has no `{split}` split (it has {sorted(manifest['splits'])}); {redo}"
-        )
+        raise PearError(f"{setting}={folder}: has no `{split}` split (it has {sorted(manifest['splits'])}); {redo}")
     if entry["data_fingerprint"] != data_fingerprint(data_path):
         raise PearError(
-            f"data.logprobs_path={folder}: the {split} data {data_path} changed since the cache was made from "
+            f"{setting}={folder}: the {split} data {data_path} changed since the cache was made from "
             f"{entry['data_path']} (fingerprint {entry['data_fingerprint']}, now {data_fingerprint(data_path)}); {redo}"
         )
     scored = SamplingSettings(**entry.get("sampling", {}))  # caches from before the setting scored the raw distribution
     if scored != sampling:
         raise PearError(
-            f"data.logprobs_path={folder}: scored the {split} data under {scored.describe()}, but it was sampled with "
-            f"{sampling.describe()}; those log-probs are not π_β of this data. Set data.sampling to how the data was "
-            f"really sampled (a `generate` folder records it) and {redo}"
+            f"{setting}={folder}: scored the {split} data under {scored.describe()}, but it was sampled with "
+            f"{sampling.describe()}; those log-probs are not π_β of this data. Set {sampling_setting} to how the data "
+            f"was really sampled (a `generate` folder records it) and {redo}"
         )
+    check_sampled_by(manifest, f"{setting}={folder}", split, data_path)
     parts = []
     for shard in manifest["shards"][split]:
         path = root / shard["file"]
         if shard_rows(path) != shard["rows"]:
-            raise PearError(
-                f"data.logprobs_path={folder}: shard {shard['file']} is missing, cut short or unreadable; {redo}"
-            )
+            raise PearError(f"{setting}={folder}: shard {shard['file']} is missing, cut short or unreadable; {redo}")
         parts.append(Dataset.from_parquet(str(path), split="train"))
     return concatenate_datasets(parts)
+
+
+def check_sampled_by(manifest: dict[str, Any], where: str, split: str, data_path: str) -> None:
+    """Refuse a cache (named ``where``) scored by another model than the one that sampled a ``generate`` folder: its
+    log-probs are not π_β of that data. Models are compared by their config's fingerprint, which precision leaves as
+    it is.
+
+    Raises:
+        PearError: naming both models.
+    """
+    generated = generated_manifest(data_path)
+    sampler = generated and generated.get("model_config_fingerprint")
+    scorer = manifest.get("behavior_model_config_fingerprint")
+    if sampler and scorer and sampler != scorer:
+        raise PearError(
+            f"{where}: scored the {split} data with {manifest['behavior_model']} (config {scorer}), but {data_path} "
+            f"was sampled from {generated['model']} (config {sampler}); those log-probs are not π_β of this data: "
+            f"re-score it with the model that sampled it (`cache_logprobs --model.model_name_or_path "
+            f"{generated['model']}`)"
+        )

@@ -55,7 +55,7 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pack_length: int | None = N
 
     Args:
         rows: examples with ``id``, ``input_ids`` and ``loss_mask`` (lists of equal length), and, after the join,
-            ``behavior_logp``: one log-prob per loss token, in order.
+            ``behavior_logp``: one log-prob per loss token, in order; from a mixture, ``source``: the source's index.
         pad_id: the token id of padding.
         pack_length: pack the examples into rows of at most this many tokens; None: one example per row.
 
@@ -63,7 +63,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pack_length: int | None = N
         ``input_ids`` [R, T] long, ``attention_mask`` (True on real tokens) and ``loss_mask`` [R, T] bool, ``ids``,
         ``num_tokens`` (real tokens in the batch), ``scored`` (``logprobs.scored_positions``) and, when the rows
         have them, ``behavior_logp`` [R, T] float32 (0 off the loss tokens) and the teacher's top-k
-        (``distill.TEACHER_COLUMNS``, flat over the loss tokens in their order in the batch). Packed batches add
+        (``distill.TEACHER_COLUMNS``, flat over the loss tokens in their order in the batch), and ``source`` [len(rows)]
+        long, each example's source in a mixture (example i is row i, or segment i when packed). Packed batches add
         ``position_ids`` [R, T] (each example's, and the padding's, restarting at 0), ``segment_ids`` [R, T] (the
         example's index in ``rows``, -1 on padding) and, for varlen attention kernels, ``cu_seq_lens`` (int32 starts
         of every sequence, padding runs included, in the flattened batch, then its size) and ``max_seq_len``.
@@ -96,6 +97,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pack_length: int | None = N
         "num_tokens": sum(lengths),
         "scored": scored_positions(loss_mask, position_ids),
     }
+    if "source" in rows[0]:
+        batch["source"] = torch.tensor([r["source"] for r in rows], dtype=torch.long)
     if "behavior_logp" in rows[0]:
         behavior_logp = torch.zeros(shape, dtype=torch.float32)
         ordered = [lp for group in groups for i in group for lp in rows[i]["behavior_logp"]]

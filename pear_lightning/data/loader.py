@@ -37,6 +37,11 @@ def loader_workers(num_workers: int | None, trainer: Any | None) -> dict[str, An
     return {"num_workers": num_workers, "persistent_workers": num_workers > 0}
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch``'s order under the run's ``seed`` (an unseeded torch's seed is 64-bit)."""
+    return (seed * 1_000_003 + epoch) % 2**64
+
+
 class EpochRandomSampler(RandomSampler):
     """A random permutation per epoch that depends only on ``seed`` and the epoch (Lightning sets it)."""
 
@@ -51,7 +56,7 @@ class EpochRandomSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         # Reseeded on every pass: Lightning may start an iterator more than once in an epoch (e.g. on resume).
-        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # an unseeded torch's seed is 64-bit
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
         return super().__iter__()
 
 
