@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 
+from pear_lightning.strategies import TokenBatch, WeightingStrategy
 from pear_lightning.training.loss import LossTerms, nll_sum
 from pear_lightning.training.step import StepTotals
 
@@ -139,11 +141,42 @@ def log_step(module: L.LightningModule, totals: StepTotals, skipped_steps: int, 
         module.log_dict({"train/nll": nll, "train/lr": lr}, prog_bar=True)
 
 
-class StepDiagnostics(torch.nn.ModuleDict):
-    """Logs, for the training micro-batches of logging steps, the strategy's metrics as ``train/<name>`` and the token
-    throughput as ``train/tokens_per_sec``; watches those metrics for saturated weights.
+def token_sources(batch: dict[str, Any]) -> torch.Tensor | None:
+    """Each token's mixture source in a collated batch: [R, T], from ``batch["source"]`` (each example's source index)
+    by row or, packed, by segment (padding gets a row's first); None for a batch without sources."""
+    source = batch.get("source")
+    if source is None:
+        return None
+    segments = batch.get("segment_ids")
+    return source[segments.clamp(min=0)] if segments is not None else source[:, None].expand_as(batch["loss_mask"])
 
-    Metrics are logged per step as this rank sees them, and per epoch aggregated over the logging steps and ranks by
+
+def source_masks(batch: dict[str, Any], names: list[str]) -> dict[str, torch.Tensor]:
+    """The [R, T] token mask of each mixture source present in a collated batch, by name (``names``, by source index);
+    none for a batch without sources."""
+    of_token = token_sources(batch)
+    if of_token is None:
+        return {}
+    present = sorted(set(batch["source"].tolist()))
+    return {names[s] if s < len(names) else f"source{s}": of_token == s for s in present}
+
+
+def source_metrics(
+    strategy: WeightingStrategy, tokens: TokenBatch, weights: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The strategy's metrics over the loss tokens of ``mask`` only (one source's), from the batch's weights: each
+    sequence's weights are its own, so a source's are what they would be in a batch of its examples alone."""
+    with torch.no_grad():
+        return strategy.metrics(replace(tokens, mask=tokens.mask & mask), weights)
+
+
+class StepDiagnostics(torch.nn.ModuleDict):
+    """Logs, for the training micro-batches of logging steps, the strategy's metrics as ``train/<name>`` (and, for a
+    mixture, each source's as ``train/<source>/<name>``, over its examples' tokens) and the token throughput as
+    ``train/tokens_per_sec``; watches the overall metrics for saturated weights.
+
+    Metrics are logged per step as this rank sees them (the logging step's last micro-batch; a mixture source it lacks:
+    NaN), and per epoch aggregated over the logging steps and ranks by
     torchmetrics (``*_max`` / ``*_min`` as max / min, the rest as means weighted by loss tokens): one aggregator per
     metric name, made on first use. The module holds this as its ``diagnostics`` attribute (Lightning finds the
     aggregators by that name). Throughput is non-padding tokens per second of wall time from one micro-batch to the
@@ -154,11 +187,21 @@ class StepDiagnostics(torch.nn.ModuleDict):
         super().__init__()
         self._last: tuple[float, int] | None = None  # when the previous micro-batch started, and its tokens
         self.clips = ClipWatch(saturation_warning)
+        self._source_metrics: dict[str, list[str]] = {}  # the metric names logged for each mixture source so far
 
-    def log(self, module: L.LightningModule, strategy: object, terms: LossTerms, tokens: int, logging: bool) -> None:
+    def log(
+        self,
+        module: L.LightningModule,
+        strategy: object,
+        terms: LossTerms,
+        tokens: int,
+        logging: bool,
+        sources: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Record that a micro-batch of ``tokens`` tokens starts now; if ``logging``, log the previous one's throughput,
-        this one's metrics (``terms.metrics``) over its loss tokens, and, once, a warning when a clip decides the
-        strategy's weights (see ``ClipWatch``; over the logging steps of the last 20 optimizer steps, at least one)."""
+        this one's metrics (``terms.metrics``) over its loss tokens and those of each of its ``sources`` (name: token
+        mask, see ``source_masks``) over theirs, and, once, a warning when a clip decides the strategy's weights (see
+        ``ClipWatch``; over the logging steps of the last 20 optimizer steps, at least one)."""
         now = time.perf_counter()
         last, self._last = self._last, (now, tokens)
         if not logging:
@@ -175,17 +218,44 @@ class StepDiagnostics(torch.nn.ModuleDict):
             )
             normalizer = module.hparams.loss_normalizer
             rank_zero_warn(clip_message(strategy, means, self.clips.threshold, normalizer, seen))
-        metrics, loss_tokens = terms.metrics, terms.num_tokens
-        for name, value in metrics.items():
-            if name not in self:
-                kind = MaxMetric if name.endswith("_max") else MinMetric if name.endswith("_min") else MeanMetric
-                self[name] = kind().to(value.device)
-            metric: Metric = self[name]
-            if isinstance(metric, MeanMetric):
-                metric(value, weight=loss_tokens)
-            else:
-                metric(value)
+        for name, value in terms.metrics.items():
+            metric = self._aggregator(name, value, terms.num_tokens)
             module.log(f"train/{name}", metric, on_step=True, on_epoch=True, metric_attribute=f"diagnostics.{name}")
+        self._log_sources(module, strategy, terms, sources or {})
+
+    def _log_sources(
+        self, module: L.LightningModule, strategy: object, terms: LossTerms, sources: dict[str, torch.Tensor]
+    ) -> None:
+        """Each source's metrics over its tokens: the step's value as ``train/<source>/<name>_step``, and the epoch's
+        aggregate as ``..._epoch``. A source seen before that this micro-batch lacks gets NaN for the step (Lightning
+        would repeat its last value); its epoch aggregate counts only the steps that had it."""
+        for source, mask in sources.items():
+            own = source_metrics(strategy, terms.tokens, terms.weights, mask)
+            self._source_metrics[source], loss_tokens = list(own), (terms.tokens.mask & mask).sum().float()
+            for name, value in own.items():
+                key = f"{source}/{name}"
+                metric = self._aggregator(key, value, loss_tokens, update_only=True)
+                where = f"diagnostics.{key}"
+                module.log(f"train/{key}_epoch", metric, on_step=False, on_epoch=True, metric_attribute=where)
+                module.log(f"train/{key}_step", value, on_step=True, on_epoch=False)
+        for source in self._source_metrics.keys() - sources.keys():
+            for name in self._source_metrics[source]:
+                module.log(f"train/{source}/{name}_step", torch.tensor(math.nan), on_step=True, on_epoch=False)
+
+    def _aggregator(
+        self, key: str, value: torch.Tensor, loss_tokens: torch.Tensor, update_only: bool = False
+    ) -> Metric:
+        """``key``'s epoch aggregate (made on first use), with ``value`` counted in it."""
+        if key not in self:
+            kind = MaxMetric if key.endswith("_max") else MinMetric if key.endswith("_min") else MeanMetric
+            self[key] = kind().to(value.device)
+        metric: Metric = self[key]
+        add = metric.update if update_only else metric  # forward also keeps the step's value, for on_step logging
+        if isinstance(metric, MeanMetric):
+            add(value, weight=loss_tokens)
+        else:
+            add(value)
+        return metric
 
 
 def log_nll(module: L.LightningModule, batch: dict[str, Any], metric: MeanMetric, name: str) -> None:

@@ -2,11 +2,13 @@
 
 Prints the counts and quantiles of the behaviour log-probs a run would train with, and, with the
 run's model as π_θ, the initial log-ratios δ = log π_θ − log π_β and the weights each PEAR strategy
-would give at step 0 (with their diagnostics). ``--plot`` writes a PNG of their histograms.
+would give at step 0 (with their diagnostics), overall and, for a mixture, per source. ``--plot`` writes a PNG of
+their histograms.
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from pear_lightning.data.datamodule import PearDataModule
 from pear_lightning.errors import PearError
 from pear_lightning.model.load import check_example_positions
 from pear_lightning.strategies import BlockIS, ImportanceSampling, SequenceIS, TokenIS
+from pear_lightning.training.diagnostics import source_masks, source_metrics, token_sources
 from pear_lightning.training.module import PearModule
 
 QUANTILES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
@@ -56,9 +59,10 @@ def inspect_logprobs(
             raise PearError(f"--plot {plot}: a folder; give the PNG file to write")
         check_writable(Path(plot).parent, "--plot")
     data.setup("fit")
+    train = data.paths["train"] or f"data.mixture (sources {', '.join(data.source_names)})"
     if "behavior_logp" not in data.datasets["train"].column_names:
         raise PearError(
-            f"{data.paths['train']}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
+            f"{train}: has no behaviour log-probs to inspect: set data.logprobs_path to a cache made by "
             "`python -m pear_lightning cache_logprobs`, or give the data `token_ids` and `logprobs` columns"
         )
     module.configure_model()
@@ -67,17 +71,20 @@ def inspect_logprobs(
     strategies = {"SequenceIS": SequenceIS(), "TokenIS": TokenIS(), "BlockIS": BlockIS()}
     if isinstance(module.weighting, ImportanceSampling):
         strategies[f"{type(module.weighting).__name__} (config)"] = module.weighting
-    seen, behavior, deltas, weights, metrics = collect(module, data, strategies, max_examples)
+    seen, behavior, deltas, weights, metrics, sources = collect(module, data, strategies, max_examples)
     header = f"{'':<22} {'tokens':>9}  {'mean':>9}  " + "  ".join(f"{'q' + str(q):>9}" for q in QUANTILES)
-    lines = [f"{seen} examples of {data.paths['train']}, π_θ = {module.hparams.model_name_or_path}", header]
+    lines = [f"{sum(seen.values())} examples of {train}, π_θ = {module.hparams.model_name_or_path}", header]
     lines.append(describe("log π_β", behavior))
     lines.append(describe("δ = log π_θ − log π_β", deltas))
     lines += [describe(f"weight {name}", weights[name]) for name in strategies]
     lines.append("")
-    for name in strategies:
-        keys = metrics[name][0]
-        averaged = {k: sum(m[k] for m in metrics[name]) / len(metrics[name]) for k in keys}
-        lines.append(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in averaged.items()) + " (mean over batches)")
+    lines += [metrics_line(name, metrics[("", name)]) for name in strategies]
+    for index, source in enumerate(data.source_names):  # a mixture's sources, each on its own
+        if seen[source]:
+            lines += ["", f"source {source}: {seen[source]} examples", header]
+            lines.append(describe(f"{source}: log π_β", behavior[sources == index]))
+            lines.append(describe(f"{source}: δ", deltas[sources == index]))
+            lines += [metrics_line(f"{source}: {name}", metrics[(source, name)]) for name in strategies]
     report = "\n".join(lines)
     print(report)
     if plot:
@@ -86,26 +93,45 @@ def inspect_logprobs(
     return report
 
 
+def metrics_line(name: str, per_batch: list[dict[str, float]]) -> str:
+    """A strategy's diagnostics, each the mean over the batches."""
+    averaged = {k: sum(m[k] for m in per_batch) / len(per_batch) for k in per_batch[0]}
+    return f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in averaged.items()) + " (mean over batches)"
+
+
 def collect(
     module: PearModule, data: PearDataModule, strategies: dict[str, ImportanceSampling], max_examples: int
-) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, list[dict[str, float]]]]:
-    """Score the first ``max_examples`` training examples (whole batches): the examples seen, their loss tokens'
-    behaviour log-probs and log-ratios, each strategy's weights, and its diagnostics per batch."""
-    behavior, deltas, seen = [], [], 0
+) -> tuple[Counter, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[tuple[str, str], list], torch.Tensor]:
+    """Score the first ``max_examples`` training examples (whole batches) of the epoch's order (a mixture's draw).
+
+    Returns:
+        The examples seen (by source name, "" without a mixture); their loss tokens' behaviour log-probs and
+        log-ratios; each strategy's weights; its diagnostics per batch, by (source name, strategy name), "" naming all
+        the sources; and each loss token's source index (-1 without a mixture).
+    """
+    behavior, deltas, sources, seen = [], [], [], Counter()
     weights: dict[str, list[torch.Tensor]] = {name: [] for name in strategies}
-    metrics: dict[str, list[dict[str, float]]] = {name: [] for name in strategies}
+    metrics: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     for batch in data.train_dataloader():
-        if seen >= max_examples:
+        if sum(seen.values()) >= max_examples:
             break
-        seen += len(batch["ids"])
-        tokens = module.token_batch(batch)
+        tokens, masks = module.token_batch(batch), source_masks(batch, data.source_names)
+        of_token = token_sources(batch)
+        of_token = of_token if of_token is not None else torch.full_like(tokens.mask, -1, dtype=torch.long)
+        of_example = batch["source"].tolist() if "source" in batch else [-1] * len(batch["ids"])
+        seen.update(data.source_names[s] if s >= 0 else "" for s in of_example)
         behavior.append(tokens.behavior_logp[tokens.mask])
         deltas.append((tokens.logp - tokens.behavior_logp)[tokens.mask])
+        sources.append(of_token[tokens.mask])
         for name, strategy in strategies.items():
             w = strategy.weights(tokens)
             weights[name].append(w[tokens.mask])
-            metrics[name].append({k: v.item() for k, v in strategy.metrics(tokens, w).items()})
-    return seen, torch.cat(behavior), torch.cat(deltas), {n: torch.cat(w) for n, w in weights.items()}, metrics
+            metrics[("", name)].append({k: v.item() for k, v in strategy.metrics(tokens, w).items()})
+            for source_name, mask in masks.items():
+                own = source_metrics(strategy, tokens, w, mask)
+                metrics[(source_name, name)].append({k: v.item() for k, v in own.items()})
+    behavior, deltas = torch.cat(behavior), torch.cat(deltas)
+    return seen, behavior, deltas, {n: torch.cat(w) for n, w in weights.items()}, metrics, torch.cat(sources)
 
 
 def pyplot() -> Any:

@@ -20,7 +20,7 @@ from pear_lightning.model.load import check_checkpoint, check_example_positions,
 from pear_lightning.model.logprobs import ChunkSize, response_logprobs, target_logprobs
 from pear_lightning.model.lora import LoraSettings
 from pear_lightning.strategies import TokenBatch, UniformSFT, WeightingStrategy
-from pear_lightning.training.diagnostics import StepDiagnostics, log_nll, log_step, logging_step
+from pear_lightning.training.diagnostics import StepDiagnostics, log_nll, log_step, logging_step, source_masks
 from pear_lightning.training.distill import LossKind, score
 from pear_lightning.training.loss import LossTerms, Normalizer, loss_terms
 from pear_lightning.training.schedule import build_optimization
@@ -92,6 +92,7 @@ class PearModule(L.LightningModule):
         self.books = StepBooks(max_nonfinite_steps)
         self.diagnostics = StepDiagnostics(saturation_warning)
         self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+        self.source_names: list[str] = []  # a mixture's, by the index in batch["source"] (see setup)
 
     def setup(self, stage: str) -> None:
         """Refuse a training strategy the step's normalisation cannot serve, and examples longer than the model's
@@ -104,6 +105,7 @@ class PearModule(L.LightningModule):
             except LOAD_ERRORS:
                 config = None  # configure_model names the problem
             check_example_positions(path, config, data.longest())
+            self.source_names = data.source_names
         if self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
 
@@ -151,10 +153,12 @@ class PearModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Count one micro-batch in its optimizer step and return its unnormalised loss (see ``optimizer_step``).
-        Diagnostics and throughput are computed and logged on logging steps only (``trainer.log_every_n_steps``)."""
+        Diagnostics (overall, and per source of a mixture) and throughput are computed and logged on logging steps only
+        (``trainer.log_every_n_steps``)."""
         terms = self.loss_terms(batch, metrics=(logs := logging_step(self.trainer)))
         self.books.add(terms, batch["ids"])
-        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"], logs)
+        sources = source_masks(batch, self.source_names) if logs else None
+        self.diagnostics.log(self, self.weighting, terms, batch["num_tokens"], logs, sources)
         return terms.total
 
     def optimizer_step(
