@@ -153,8 +153,14 @@ def load_cache(
     parts = []
     for shard in manifest["shards"][split]:
         path = root / shard["file"]
-        if shard_rows(path) != shard["rows"]:
+        rows = shard_rows(path)
+        if rows is None:
             raise PearError(f"{setting}={folder}: shard {shard['file']} is missing, cut short or unreadable; {redo}")
+        if rows != shard["rows"]:
+            raise PearError(
+                f"{setting}={folder}: shard {shard['file']} holds {rows} rows where the manifest records "
+                f"{shard['rows']}; {redo}"
+            )
         parts.append(Dataset.from_parquet(str(path), split="train"))
     return concatenate_datasets(parts)
 

@@ -5,6 +5,7 @@ line saying how to re-make it."""
 import json
 import shutil
 
+import pyarrow.parquet as pq
 from conftest import REMAKE_CACHE, STUDENT, assert_refused, fit_on_cache_args
 from transformers import AutoTokenizer
 
@@ -22,6 +23,23 @@ def test_a_cache_shard_cut_in_half_is_refused(cache_workdir, behaviour_cache, tm
         tmp_path,
         f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; "
         + REMAKE_CACHE.format(spoilt),
+    )
+
+
+def test_a_cache_shard_of_another_row_count_than_its_manifest_is_refused(
+    cache_workdir, behaviour_cache, tmp_path, capsys, run_dir
+):
+    spoilt = tmp_path / "spoilt"
+    shutil.copytree(behaviour_cache, spoilt)
+    shard = spoilt / "train-00001.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)  # readable, one row short of what the manifest says
+    assert_refused(
+        fit_on_cache_args(cache_workdir, spoilt, tmp_path),
+        capsys,
+        tmp_path,
+        f"data.logprobs_path={spoilt}: shard train-00001.parquet holds {table.num_rows - 1} rows where the manifest "
+        f"records {table.num_rows}; " + REMAKE_CACHE.format(spoilt),
     )
 
 
