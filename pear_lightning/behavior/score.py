@@ -136,6 +136,14 @@ def cache_logprobs(
         PearError: for unknown splits, a bad output, ids that repeat, or a cache of other inputs there.
     """
     trainer = trainer or Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, devices=1)
+    if data.mixture and "train" in splits:
+        first = data.mixture[0]
+        raise PearError(
+            "cache_logprobs: data.mixture has several training sources, each with its own π_β, so each is scored "
+            "into its own cache: `python -m pear_lightning cache_logprobs --config <this config> --data.mixture null "
+            f"--data.train_path {first.path} --output <its cache>` (with that source's data.sampling), then give "
+            f'the source its logprobs_path (e.g. source "{first.name}")'
+        )
     unknown = [s for s in splits if s not in data.paths]
     if unknown or shard_size < 1:
         raise PearError(f"cache_logprobs: --splits must name data splits {list(data.paths)} and --shard_size be >= 1")

@@ -124,7 +124,7 @@ class PearCLI(LightningCLI):
     def before_fit(self) -> None:
         """Check everything fit can before it starts (``preflight.check_fit``, ``preflight.check_teacher``)."""
         check_fit(self.trainer, self.model)
-        check_teacher(self.model.hparams.loss, self.datamodule.logprobs_path)
+        check_teacher(self.model.hparams.loss, self.datamodule.logprobs_path, bool(self.datamodule.mixture))
 
     def before_validate(self) -> None:
         """Refuse ``validate`` without validation data, or with logs it could not write."""

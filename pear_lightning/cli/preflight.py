@@ -136,7 +136,7 @@ def check_outputs(trainer: Trainer) -> None:
             check_writable(Path(folder), setting)
 
 
-def check_teacher(kind: str, logprobs_path: str | None) -> None:
+def check_teacher(kind: str, logprobs_path: str | None, mixture: bool = False) -> None:
     """Refuse, before ``fit`` starts, a distillation loss (``model.loss`` kl or nll+kl) without a cache that can hold
     the teacher's top-k (a folder with no finished cache is left to the cache's own error).
 
@@ -145,6 +145,12 @@ def check_teacher(kind: str, logprobs_path: str | None) -> None:
     """
     if kind == "nll":
         return
+    if mixture:
+        raise PearError(
+            f"model.loss {kind}: distillation reads one cache of the teacher's top-k for all the training data, and "
+            "data.mixture has a cache per source; train on one source (data.train_path with its data.logprobs_path) "
+            "or with model.loss nll"
+        )
     if not logprobs_path:
         raise PearError(
             f"model.loss {kind}: needs the teacher's top-k log-probs and data.logprobs_path is not set; {MAKE_CACHE}"

@@ -49,3 +49,38 @@ def test_a_cache_that_wins_over_the_datas_own_logprobs_column_is_said(run_dir, t
     said = f"train ({train}): its own `logprobs` column is not used: the behaviour log-probs come from "
     assert f"{said}data.logprobs_path={cache}" in caplog.text
     assert json.loads((cache / "manifest.json").read_text())["splits"]["train"]["examples"] == 4
+
+
+def mixture_args(run_dir, model, command: str) -> list[str]:
+    first = write_jsonl(run_dir / "a.jsonl", demo_rows(4))
+    second = write_jsonl(run_dir / "b.jsonl", demo_rows(8)[4:])
+    args = fit_args(run_dir, model, first)[1:]
+    at = args.index("--data.train_path")
+    del args[at : at + 2]
+    mixture = f"[{{name: a, path: {first}, weight: 1}}, {{name: b, path: {second}, weight: 1}}]"
+    return [command, *args, "--data.mixture", mixture]
+
+
+def test_distillation_on_a_mixture_is_refused_before_training(run_dir, tiny_model_dir, capsys):
+    assert_refused(
+        [*mixture_args(run_dir, tiny_model_dir, "fit"), "--model.loss", "kl"],
+        capsys,
+        run_dir,
+        "model.loss kl: distillation reads one cache of the teacher's top-k for all the training data, and "
+        "data.mixture has a cache per source; train on one source (data.train_path with its data.logprobs_path) or "
+        "with model.loss nll",
+    )
+
+
+def test_cache_logprobs_on_a_mixture_says_how_to_score_each_source(run_dir, tiny_model_dir, capsys):
+    args = [*mixture_args(run_dir, tiny_model_dir, "cache_logprobs"), "--output", str(run_dir / "cache")]
+    assert_refused(
+        args,
+        capsys,
+        run_dir,
+        "cache_logprobs: data.mixture has several training sources, each with its own π_β, so each is scored into "
+        "its own cache: `python -m pear_lightning cache_logprobs --config <this config> --data.mixture null "
+        f"--data.train_path {run_dir / 'a.jsonl'} --output <its cache>` (with that source's data.sampling), then give "
+        'the source its logprobs_path (e.g. source "a")',
+    )
+    assert not (run_dir / "cache").exists()
