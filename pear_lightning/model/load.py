@@ -50,6 +50,12 @@ def load_model(
         )
     except LOAD_ERRORS as err:
         raise load_error("model.model_name_or_path", path, "a causal LM", err) from err
+    except ImportError as err:  # an optional backend the settings ask for: flash-attn, bitsandbytes, remote code's
+        setting = f"model.attn_implementation={attn_implementation}" if attn_implementation else "model"
+        raise PearError(
+            f"{setting}: loading {path} needs a package that is not installed ({' '.join(str(err).split())}); "
+            "install it, or choose settings that do not need it (model.attn_implementation sdpa or pear_varlen)"
+        ) from err
     if gradient_checkpointing:
         _checkpoint_activations(model)
     if lora is not None:

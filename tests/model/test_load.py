@@ -1,6 +1,7 @@
 """Loading the model: a folder that is missing, unreadable or needs remote code, and a checkpoint of another model or
 setup, are refused in one line before anything trains or is written; QLoRA and gradient checkpointing load as asked."""
 
+import importlib.util
 import json
 import shutil
 import warnings
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pear_lightning import PearModule
 from pear_lightning.errors import PearError
+from pear_lightning.model.load import load_model
 from pear_lightning.model.lora import LoraSettings
 
 
@@ -151,3 +153,14 @@ def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_di
         model, _ = load_model(str(tiny_model_dir), gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_an_attention_implementation_whose_package_is_missing_is_one_error(tiny_model_dir):
+    with pytest.raises(PearError) as refused:
+        load_model(str(tiny_model_dir), attn_implementation="flash_attention_2")
+    message = str(refused.value)
+    assert message.startswith(f"model.attn_implementation=flash_attention_2: loading {tiny_model_dir} needs a package")
+    assert message.endswith(
+        "; install it, or choose settings that do not need it (model.attn_implementation sdpa or pear_varlen)"
+    )
