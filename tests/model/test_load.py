@@ -146,8 +146,6 @@ def test_qlora_without_a_gpu_or_without_lora_is_a_clear_error(tiny_model_dir):
 
 def test_gradient_checkpointing_uses_the_current_transformers_call(tiny_model_dir):
     """transformers 5 deprecates ``gradient_checkpointing_enable``; the model is checkpointed without that warning."""
-    from pear_lightning.model.load import load_model
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, _ = load_model(str(tiny_model_dir), gradient_checkpointing=True)
