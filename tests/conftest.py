@@ -361,3 +361,17 @@ def alternating_data(uneven_data):
     return write_jsonl(
         uneven_data.with_name("alternating.jsonl"), [r for pair in zip(rows[:4], rows[4:]) for r in pair]
     )
+
+
+MIXED_FORMS = [  # chat and prompt/completion rows in one file
+    {"id": "a", "messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
+    {"id": "b", "prompt": "Compute 2+2.", "completion": "2+2=4. #### 4"},
+    {"id": "c", "messages": conversation("Compute 5-1.", "5-1=4. #### 4")},
+]
+
+
+def tokenized_train(path, **kwargs):
+    """``path`` as the training split of a data module with the demo tokenizer, tokenised."""
+    from pear_lightning import PearDataModule
+
+    return PearDataModule(train_path=str(path), tokenizer_name_or_path=str(STUDENT), **kwargs).tokenized("train")

@@ -2,21 +2,11 @@
 its own settings checked before anything loads."""
 
 import pytest
-from conftest import GOOD, STUDENT, assert_refused, conversation, fit_args, write_jsonl
+from conftest import GOOD, assert_refused, fit_args, write_jsonl
+from conftest import MIXED_FORMS as ROWS
+from conftest import tokenized_train as tokenized
 
-from pear_lightning import PearDataModule
 from pear_lightning.errors import PearError
-
-ROWS = [
-    {"id": "a", "messages": conversation("Compute 1+2.", "1+2=3. #### 3")},
-    {"id": "b", "prompt": "Compute 2+2.", "completion": "2+2=4. #### 4"},
-    {"id": "c", "messages": conversation("Compute 5-1.", "5-1=4. #### 4")},
-]
-
-
-def tokenized(path, **kwargs):
-    data = PearDataModule(train_path=str(path), tokenizer_name_or_path=str(STUDENT), **kwargs)
-    return data.tokenized("train")
 
 
 def test_mixed_chat_and_prompt_completion_rows_load(tmp_path):
