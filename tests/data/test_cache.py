@@ -6,40 +6,36 @@ import json
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import REMAKE_CACHE, STUDENT, assert_refused, fit_on_cache_args
 from transformers import AutoTokenizer
 
 from pear_lightning.data.cache import data_fingerprint, tokenizer_fingerprint
 
 
-def test_a_cache_shard_cut_in_half_is_refused(cache_workdir, behaviour_cache, tmp_path, capsys, run_dir):
-    spoilt = tmp_path / "spoilt"
-    shutil.copytree(behaviour_cache, spoilt)
-    shard = spoilt / "train-00001.parquet"
+def cut_in_half(shard):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert_refused(
-        fit_on_cache_args(cache_workdir, spoilt, tmp_path),
-        capsys,
-        tmp_path,
-        f"data.logprobs_path={spoilt}: shard train-00001.parquet is missing, cut short or unreadable; "
-        + REMAKE_CACHE.format(spoilt),
-    )
+    return "is missing, cut short or unreadable"
 
 
-def test_a_cache_shard_of_another_row_count_than_its_manifest_is_refused(
-    cache_workdir, behaviour_cache, tmp_path, capsys, run_dir
+def one_row_short(shard):  # readable, one row short of what the manifest says
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)
+    return f"holds {table.num_rows - 1} rows where the manifest records {table.num_rows}"
+
+
+@pytest.mark.parametrize("spoil", [cut_in_half, one_row_short], ids=["cut-in-half", "a-row-short"])
+def test_a_cache_shard_that_is_not_what_its_manifest_records_is_refused(
+    spoil, cache_workdir, behaviour_cache, tmp_path, capsys, run_dir
 ):
     spoilt = tmp_path / "spoilt"
     shutil.copytree(behaviour_cache, spoilt)
-    shard = spoilt / "train-00001.parquet"
-    table = pq.read_table(shard)
-    pq.write_table(table.slice(0, table.num_rows - 1), shard)  # readable, one row short of what the manifest says
+    problem = spoil(spoilt / "train-00001.parquet")
     assert_refused(
         fit_on_cache_args(cache_workdir, spoilt, tmp_path),
         capsys,
         tmp_path,
-        f"data.logprobs_path={spoilt}: shard train-00001.parquet holds {table.num_rows - 1} rows where the manifest "
-        f"records {table.num_rows}; " + REMAKE_CACHE.format(spoilt),
+        f"data.logprobs_path={spoilt}: shard train-00001.parquet {problem}; " + REMAKE_CACHE.format(spoilt),
     )
 
 
