@@ -69,22 +69,24 @@ def tokenizer():
 def save_tiny_llama(path: Path, tokenizer, model_class=LlamaForCausalLM, **overrides) -> Path:
     """Save a freshly initialised (seed 0) two-layer Llama with ``tokenizer`` in ``path``; ``overrides``
     change its config, ``model_class`` the architecture (one with Llama's config fields, e.g. Qwen2)."""
-    config = model_class.config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, max_position_embeddings=256)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = model_class.config_class(**{**sizes, **ids, **overrides})
     torch.manual_seed(0)
     model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_module(tiny_model_dir):
+    """A PearModule over the tiny model, loaded (one per test module)."""
+    from pear_lightning import PearModule
+
+    module = PearModule(str(tiny_model_dir))
+    module.configure_model()
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import GOOD, assert_refused, fit_args, run_cli, write_jsonl
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import GOOD, assert_refused, fit_args, run_cli, save_tiny_llama, write_jsonl
 
 from pear_lightning import PearModule
 from pear_lightning.errors import PearError
@@ -93,15 +92,7 @@ def test_a_model_that_needs_trust_remote_code_is_refused_while_it_is_off(run_dir
 def other_checkpoint(tmp_path_factory, tokenizer):
     """A checkpoint of another model: a one-layer Llama where the tiny model has two."""
     root = tmp_path_factory.mktemp("other-model")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tokenizer, num_hidden_layers=1)
     module = PearModule(str(root / "model"))
     module.configure_model()
     path = root / "other.ckpt"

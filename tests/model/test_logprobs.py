@@ -11,10 +11,8 @@ from pear_lightning.model.logprobs import TargetLogSoftmax, plan_chunks, separab
 
 
 @pytest.fixture(scope="module")
-def module(tiny_model_dir):
-    module = PearModule(str(tiny_model_dir))
-    module.configure_model()
-    return module
+def module(tiny_module):
+    return tiny_module
 
 
 def test_padding_does_not_change_an_example_s_token_logprobs(module, tokenizer):

@@ -11,10 +11,8 @@ from pear_lightning.strategies import TokenIS
 
 
 @pytest.fixture(scope="module")
-def module(tiny_model_dir):
-    module = PearModule(str(tiny_model_dir))
-    module.configure_model()
-    return module
+def module(tiny_module):
+    return tiny_module
 
 
 def test_uniform_loss_and_gradients_equal_hugging_face_causal_lm_loss(module, tokenizer):
